@@ -1,0 +1,1360 @@
+"""smtp-relay: a small, authenticated, domain-filtering, synchronous SMTP relay.
+
+Applications and devices on a private network send mail through it. A client must
+authenticate; its envelope sender and every recipient must be in an allowed domain; what
+passes is handed, command by command, to one upstream SMTP server (Gmail, SES, a company
+MTA), and the client is told the upstream's own verdict: `250` after DATA means the
+upstream has the message. Nothing is queued here, so nothing can be lost here.
+
+The module reads in the order a message travels:
+
+    config      -> Config, built once from the environment (and .env)
+    logging     -> one line per event, the same fields on every line
+    auth        -> SMTPAuthHandler: checks AUTH PLAIN/LOGIN credentials
+    policy      -> pure functions: RFC 5321 path parsing, domain allowlists
+    forwarding  -> UpstreamConnection, UpstreamPool, Forwarder: the upstream side
+    handler     -> SMTPRelayHandler: aiosmtpd hooks, one per SMTP stage
+    server      -> SMTPRelayServer: listener, connection cap, idle timeout, shutdown
+    main        -> `python smtp_relay.py [demo]`
+
+Run `python smtp_relay.py` to serve; `python smtp_relay.py demo` starts the relay in front
+of a local demo upstream that prints what it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import email.utils
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import smtplib
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SMTPAuthHandler",
+    "SMTPRelayHandler",
+    "SMTPRelayServer",
+    "load_config",
+    "main",
+]
+
+log = logging.getLogger("smtp_relay")
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """A setting is unusable. The text names the variable and what it expects."""
+
+
+DEFAULT_AUTH_PASSWORD = "password"
+_BOOLEANS = {"true": True, "yes": True, "1": True, "on": True,
+             "false": False, "no": False, "0": False, "off": False}
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainList:
+    """An allowlist of domains: exact names plus `*.name` entries for subdomains.
+
+    Names are stored lower-case, in ASCII (punycode) form, without a trailing dot.
+    """
+
+    exact: frozenset[str]
+    parents: tuple[str, ...]  # from "*.example.com": ".example.com"
+
+    def allows(self, domain: str) -> bool:
+        """`domain` must already be normalised (see normalize_domain)."""
+        if domain in self.exact:
+            return True
+        return any(domain.endswith(parent) for parent in self.parents)
+
+    def __str__(self) -> str:
+        return ",".join(sorted(self.exact) + sorted("*" + p for p in self.parents))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The relay's whole configuration, read once at start-up (see load_config)."""
+
+    auth_username: str = "user"
+    auth_password: str = DEFAULT_AUTH_PASSWORD
+    allowed_from_domains: DomainList = None  # type: ignore[assignment]
+    allowed_to_domains: DomainList = None  # type: ignore[assignment]
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 1025
+    use_tls: bool = False
+    tls_cert_file: str = "/etc/certs/server.crt"
+    tls_key_file: str = "/etc/certs/server.key"
+    relay_host: str = "smtp.example.com"
+    relay_port: int = 25
+    relay_use_tls: bool = True
+    relay_use_ssl: bool = False
+    relay_username: str = ""
+    relay_password: str = ""
+    relay_tls_verify: bool = True
+    relay_tls_ca_file: str = ""
+    relay_pool_idle_seconds: float = 15.0
+    relay_pool_max_messages: int = 100
+    max_connections: int = 50
+    timeout: float = 60.0
+    log_file: str = "logs/smtp-relay.log"
+    log_level: str = "INFO"
+    max_message_size: int = 10485760
+    max_recipients: int = 100
+    smtp_hostname: str = ""
+
+    # Values never printed: the start-up line and `repr` show them as "***".
+    SECRETS = ("auth_password", "relay_password")
+
+    def redacted(self) -> dict[str, Any]:
+        shown = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in self.SECRETS:
+                value = "***" if value else ""
+            elif isinstance(value, DomainList):
+                value = str(value)
+            shown[field.name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        return f"Config({self.redacted()})"
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name)
+    return default if value is None else value.strip()
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"{name}={raw!r}: expects true/false (also yes/no, 1/0)") from None
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float,
+            maximum: float = float("inf"), integer: bool = True) -> Any:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    kind = "a whole number" if integer else "a number"
+    try:
+        value = int(raw.strip()) if integer else float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expects {kind}") from None
+    if math.isnan(value) or not minimum <= value <= maximum:
+        upper = "" if maximum == float("inf") else f" and at most {maximum:g}"
+        raise ConfigError(f"{name}={raw!r}: expects {kind} at least {minimum:g}{upper}")
+    return value
+
+
+def _domains(env: Mapping[str, str], name: str, default: str) -> DomainList:
+    raw = _text(env, name, default)
+    exact, parents = set(), []
+    for entry in raw.split(","):
+        entry = entry.strip()
+        if not entry:
+            raise ConfigError(
+                f"{name}={raw!r}: expects a comma-separated list of domains "
+                "(e.g. example.com,*.example.org) with no empty entries")
+        wildcard = entry.startswith("*.")
+        try:
+            domain = normalize_domain(entry[2:] if wildcard else entry)
+        except AddressError:
+            raise ConfigError(
+                f"{name}: {entry!r} is not a domain name; expects entries like "
+                "example.com or *.example.com") from None
+        if wildcard:
+            parents.append("." + domain)
+        else:
+            exact.add(domain)
+    return DomainList(frozenset(exact), tuple(parents))
+
+
+def _default_hostname() -> str:
+    name = socket.gethostname()
+    return name if _HOSTNAME_RE.fullmatch(name) else "localhost"
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Build the Config from environment variables; raise ConfigError on a bad value."""
+    config = Config(
+        auth_username=_text(env, "SMTP_AUTH_USERNAME", "user"),
+        auth_password=env.get("SMTP_AUTH_PASSWORD", DEFAULT_AUTH_PASSWORD),
+        allowed_from_domains=_domains(env, "ALLOWED_FROM_DOMAINS", "example.com"),
+        allowed_to_domains=_domains(env, "ALLOWED_TO_DOMAINS", "example.com"),
+        listen_host=_text(env, "LISTEN_HOST", "0.0.0.0"),
+        listen_port=_number(env, "LISTEN_PORT", 1025, minimum=0, maximum=65535),
+        use_tls=_boolean(env, "USE_TLS", False),
+        tls_cert_file=_text(env, "TLS_CERT_FILE", "/etc/certs/server.crt"),
+        tls_key_file=_text(env, "TLS_KEY_FILE", "/etc/certs/server.key"),
+        relay_host=_text(env, "RELAY_HOST", "smtp.example.com"),
+        relay_port=_number(env, "RELAY_PORT", 25, minimum=1, maximum=65535),
+        relay_use_tls=_boolean(env, "RELAY_USE_TLS", True),
+        relay_use_ssl=_boolean(env, "RELAY_USE_SSL", False),
+        relay_username=_text(env, "RELAY_USERNAME", ""),
+        relay_password=env.get("RELAY_PASSWORD", ""),
+        relay_tls_verify=_boolean(env, "RELAY_TLS_VERIFY", True),
+        relay_tls_ca_file=_text(env, "RELAY_TLS_CA_FILE", ""),
+        relay_pool_idle_seconds=_number(env, "RELAY_POOL_IDLE_SECONDS", 15.0, minimum=0,
+                                        maximum=3600, integer=False),
+        relay_pool_max_messages=_number(env, "RELAY_POOL_MAX_MESSAGES", 100, minimum=1),
+        max_connections=_number(env, "MAX_CONNECTIONS", 50, minimum=1, maximum=10000),
+        timeout=_number(env, "TIMEOUT", 60.0, minimum=1, maximum=3600, integer=False),
+        log_file=_text(env, "LOG_FILE", "logs/smtp-relay.log"),
+        log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
+        max_message_size=_number(env, "MAX_MESSAGE_SIZE", 10485760, minimum=1024),
+        max_recipients=_number(env, "MAX_RECIPIENTS", 100, minimum=1),
+        smtp_hostname=_text(env, "SMTP_HOSTNAME", "") or _default_hostname(),
+    )
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    if not config.auth_username or not config.auth_password:
+        raise ConfigError("SMTP_AUTH_USERNAME/SMTP_AUTH_PASSWORD: expects a non-empty "
+                          "user name and password")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={config.log_level!r}: expects one of "
+                          + ", ".join(_LOG_LEVELS))
+    if not config.listen_host:
+        raise ConfigError("LISTEN_HOST: expects an address to listen on, e.g. 0.0.0.0")
+    if not config.relay_host or any(c.isspace() for c in config.relay_host):
+        raise ConfigError(f"RELAY_HOST={config.relay_host!r}: expects the upstream's "
+                          "host name or address")
+    if not _HOSTNAME_RE.fullmatch(config.smtp_hostname):
+        raise ConfigError(f"SMTP_HOSTNAME={config.smtp_hostname!r}: expects a host name")
+    if config.relay_use_tls and config.relay_use_ssl:
+        raise ConfigError("RELAY_USE_TLS and RELAY_USE_SSL are both on: expects at most "
+                          "one (STARTTLS on a submission port, or implicit TLS on 465)")
+    if config.relay_username and not (config.relay_use_tls or config.relay_use_ssl):
+        raise ConfigError("RELAY_USERNAME is set but RELAY_USE_TLS and RELAY_USE_SSL are "
+                          "off: expects TLS to the upstream, credentials are never sent "
+                          "in clear")
+    if config.relay_password and not config.relay_username:
+        raise ConfigError("RELAY_PASSWORD is set: expects RELAY_USERNAME too")
+    if config.relay_tls_ca_file and not os.path.isfile(config.relay_tls_ca_file):
+        raise ConfigError(f"RELAY_TLS_CA_FILE={config.relay_tls_ca_file!r}: expects a "
+                          "readable PEM file of CA certificates")
+    if config.use_tls:
+        for name, path in (("TLS_CERT_FILE", config.tls_cert_file),
+                           ("TLS_KEY_FILE", config.tls_key_file)):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{name}={path!r}: expects a readable PEM file "
+                                  "(USE_TLS is on)")
+
+
+def inbound_tls_context(config: Config) -> ssl.SSLContext:
+    """The certificate clients see after STARTTLS."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"TLS_CERT_FILE/TLS_KEY_FILE: cannot load the certificate and "
+                          f"key ({_one_line(error)}): expects a PEM certificate and its "
+                          "matching private key") from None
+    return context
+
+
+def upstream_tls_context(config: Config) -> ssl.SSLContext:
+    """Verifying by default: without a context smtplib checks nothing at all."""
+    try:
+        context = ssl.create_default_context(cafile=config.relay_tls_ca_file or None)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"RELAY_TLS_CA_FILE={config.relay_tls_ca_file!r}: cannot load "
+                          f"({_one_line(error)}): expects PEM CA certificates") from None
+    if not config.relay_tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# ---------------------------------------------------------------------------------------
+# Logging: one line per event, `event key=value ...`, the same keys for the same things
+# (peer, user, id, from, to) so one grep follows a message from MAIL to the upstream.
+# ---------------------------------------------------------------------------------------
+
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
+def _one_line(value: object) -> str:
+    """Printable, single-line text: peers and upstreams control some of what we log."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else "?" for ch in text.replace("\n", " "))
+
+
+def _field(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    text = _one_line(value)
+    if not text or _NEEDS_QUOTES.search(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def log_event(level: int, event: str, session: Session | None = None, **fields: Any) -> None:
+    if not log.isEnabledFor(level):
+        return
+    if session is not None:
+        fields = {"id": getattr(session, "message_id", None),
+                  "peer": getattr(session, "peer_ip", None),
+                  "user": getattr(session, "user", None), **fields}
+    text = " ".join(f"{key}={_field(value)}" for key, value in fields.items()
+                    if value is not None)
+    log.log(level, "%s %s", event, text)
+
+
+def setup_logging(config: Config) -> None:
+    """stderr and LOG_FILE, one line per event; aiosmtpd's chatter only at DEBUG."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.log_file:
+        try:
+            directory = os.path.dirname(config.log_file)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            handlers.append(logging.FileHandler(config.log_file, encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"LOG_FILE={config.log_file!r}: cannot open "
+                              f"({error.strerror}): expects a writable file path") from None
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(config.log_level)
+    # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
+    logging.getLogger("mail.log").setLevel(
+        logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------------------
+
+class SMTPAuthHandler:
+    """aiosmtpd authenticator for AUTH PLAIN and LOGIN against the configured user.
+
+    Both the name and the password are compared in constant time, so timing says nothing
+    about which of the two was wrong.
+    """
+
+    def __init__(self, username: str, password: str):
+        self._username = username.encode("utf-8")
+        self._password = password.encode("utf-8")
+
+    def __call__(self, server: SMTP, session: Session, envelope: Any, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login, password = auth_data.login, auth_data.password
+        name_ok = hmac.compare_digest(login, self._username)
+        password_ok = hmac.compare_digest(password, self._password)
+        user = login.decode("utf-8", "replace")[:128]
+        if name_ok and password_ok:
+            session.user = user
+            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
+            return AuthResult(success=True, auth_data=user)
+        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
+                  attempted_user=user)
+        return AuthResult(success=False, handled=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Policy: pure functions, no I/O
+# ---------------------------------------------------------------------------------------
+
+class AddressError(ValueError):
+    """An address is refused. `code` and the text are what the client is told."""
+
+    def __init__(self, reason: str, code: str = "553 5.1.3"):
+        super().__init__(reason)
+        self.code = code
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mailbox:
+    """A parsed envelope address: local part as given, domain normalised to ASCII."""
+
+    local_part: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local_part}@{self.domain}"
+
+
+# RFC 5321 limits (section 4.5.3.1).
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5321 atext, without "%" and "!": old routing syntaxes (user%other@relay,
+# host!user) that some MTAs still honour, which would let a message reach a domain
+# that the allowlist never saw.
+_ATEXT = r"A-Za-z0-9#$&'*+\-/=?^_`{|}~"
+_UTF8 = "\u0080-\ud7ff\ue000-\U0010ffff"  # RFC 6531 UTF8-non-ascii; no lone surrogates
+_DOT_STRING = {
+    False: re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*"),
+    True: re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*"),
+}
+_QUOTED_STRING = {
+    False: re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'),
+    True: re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'),
+}
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def split_path(arg: str) -> tuple[str, str]:
+    """Split the argument of MAIL FROM:/RCPT TO: into (path, parameters).
+
+    `<a@b> SIZE=10` -> ("<a@b>", "SIZE=10"). Quoted local parts may contain ">" and
+    spaces. Nothing is validated here beyond finding where the path ends.
+    """
+    text = arg.lstrip(" ")
+    if not text.startswith("<"):
+        path, _, rest = text.partition(" ")
+        return path, rest
+    index, quoted = 1, False
+    while index < len(text):
+        char = text[index]
+        if quoted and char == "\\":
+            index += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return text[:index + 1], text[index + 1:]
+        index += 1
+    return text, ""
+
+
+def parse_path(path: str, *, smtputf8: bool = False) -> Mailbox:
+    """Parse an RFC 5321 path (`<local@domain>`, brackets optional) strictly.
+
+    Refuses everything whose routing is ambiguous: source routes, IP-literal domains,
+    more than one unquoted "@", "%" and "!" in the local part, "@" inside a quoted local
+    part, control characters, non-ASCII without SMTPUTF8, overlong parts.
+    """
+    if _CONTROL.search(path):
+        raise AddressError("Control characters are not allowed in addresses")
+    if len(path) > MAX_PATH + 2:
+        raise AddressError("Address too long (RFC 5321 allows 256 characters)")
+    if path.startswith("<"):
+        if not path.endswith(">") or len(path) < 3:
+            raise AddressError("Malformed address: expects <local-part@domain>")
+        path = path[1:-1]
+    if path.startswith("@"):
+        raise AddressError("Source routes (<@host:user@domain>) are not accepted",
+                           "553 5.7.1")
+    if not smtputf8 and not path.isascii():
+        raise AddressError("Non-ASCII address needs the SMTPUTF8 parameter", "553 5.6.7")
+    local_part, domain = _split_local_part(path, smtputf8)
+    if len(local_part.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART:
+        raise AddressError("Local part too long (RFC 5321 allows 64 octets)")
+    return Mailbox(local_part, normalize_domain(domain))
+
+
+def _split_local_part(path: str, smtputf8: bool) -> tuple[str, str]:
+    if path.startswith('"'):
+        match = _QUOTED_STRING[smtputf8].match(path)
+        if match is None:
+            raise AddressError("Malformed quoted local part")
+        local_part = match.group()
+        unquoted = re.sub(r"\\(.)", r"\1", local_part[1:-1])
+        if any(char in unquoted for char in "@%!"):
+            raise AddressError("Routing characters (@ % !) in the local part are not "
+                               "accepted", "553 5.7.1")
+    else:
+        match = _DOT_STRING[smtputf8].match(path)
+        local_part = match.group() if match else ""
+        following = path[len(local_part):len(local_part) + 1]
+        if following in ("%", "!") or (following == "@" and path.count("@") > 1):
+            raise AddressError("Routing characters (@ % !) in the local part are not "
+                               "accepted", "553 5.7.1")
+        if not local_part:
+            raise AddressError("Malformed address: expects local-part@domain")
+    rest = path[len(local_part):]
+    if not rest.startswith("@"):
+        raise AddressError("Malformed address: expects local-part@domain")
+    return local_part, rest[1:]
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case ASCII form of a domain: trailing dot dropped, IDNs as punycode.
+
+    Raises AddressError for IP literals, bare IP addresses and anything that is not a
+    host name of RFC 1035 labels.
+    """
+    if domain.startswith("["):
+        raise AddressError("IP-literal domains are not accepted", "553 5.7.1")
+    domain = domain.removesuffix(".")
+    if not domain:
+        raise AddressError("Malformed address: empty domain")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise AddressError("Malformed internationalised domain") from None
+    domain = domain.lower()
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError("Domain too long (RFC 5321 allows 255 characters)")
+    labels = domain.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        raise AddressError(f"Malformed domain {domain!r}")
+    try:
+        ipaddress.ip_address(domain)
+    except ValueError:
+        return domain
+    raise AddressError("IP-address domains are not accepted", "553 5.7.1")
+
+
+def bare_line_ending(content: bytes) -> bool:
+    """True when CR or LF appears other than as CRLF (RFC 5321 2.3.8 forbids it).
+
+    Such messages are refused: a bare "<LF>.<LF>" is how SMTP smuggling hides a second
+    message inside the first from an upstream that ends DATA on it.
+    """
+    crlf = content.count(b"\r\n")
+    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
+
+
+# ---------------------------------------------------------------------------------------
+# Forwarding: blocking smtplib calls, run in worker threads so the event loop never waits
+# ---------------------------------------------------------------------------------------
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or dropped us. `reply` is for the client."""
+
+    def __init__(self, reason: str, reply: str = "451 4.4.1"):
+        super().__init__(reason)
+        self.reply = f"{reply} Upstream unavailable: {_one_line(reason)[:200]}"
+
+
+Reply = tuple[int, str]
+
+
+def _reply_text(message: bytes | str) -> str:
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return _one_line(" ".join(message.split("\n"))).strip()[:400]
+
+
+class UpstreamConnection:
+    """One authenticated session to the upstream. Every method blocks: threads only."""
+
+    def __init__(self, config: Config, tls_context: ssl.SSLContext | None):
+        self.config = config
+        self.tls_context = tls_context
+        self.smtp: smtplib.SMTP | None = None
+        self.messages_sent = 0
+        self.idle_since = 0.0
+        self.reused = False
+
+    def open(self) -> None:
+        """Connect, EHLO, STARTTLS (required when RELAY_USE_TLS), EHLO, AUTH."""
+        config, step = self.config, "connect"
+        try:
+            if config.relay_use_ssl:
+                smtp = smtplib.SMTP_SSL(config.relay_host, config.relay_port,
+                                        local_hostname=config.smtp_hostname,
+                                        timeout=config.timeout, context=self.tls_context)
+            else:
+                smtp = smtplib.SMTP(config.relay_host, config.relay_port,
+                                    local_hostname=config.smtp_hostname,
+                                    timeout=config.timeout)
+            self.smtp = smtp
+            step = "EHLO"
+            code, message = smtp.ehlo()
+            if code != 250:
+                raise UpstreamError(f"EHLO refused: {code} {_reply_text(message)}")
+            if config.relay_use_tls:
+                step = "STARTTLS"
+                if not smtp.has_extn("starttls"):
+                    raise UpstreamError("upstream does not offer STARTTLS "
+                                        "(RELAY_USE_TLS is on)")
+                code, message = smtp.starttls(context=self.tls_context)
+                smtp.ehlo()
+            if config.relay_username:
+                step = "AUTH"
+                smtp.login(config.relay_username, config.relay_password)
+        except UpstreamError:
+            self.close()
+            raise
+        except smtplib.SMTPAuthenticationError as error:
+            self.close()
+            raise UpstreamError(f"upstream refused our credentials ({error.smtp_code} "
+                                f"{_reply_text(error.smtp_error)})", "451 4.7.0") from None
+        except (smtplib.SMTPException, OSError, ValueError) as error:
+            self.close()
+            raise UpstreamError(f"{step} to {config.relay_host}:{config.relay_port} "
+                                f"failed: {_describe(error)}") from None
+
+    def has(self, extension: str) -> bool:
+        return bool(extension) and self.smtp is not None and self.smtp.has_extn(extension)
+
+    def command(self, verb: str, argument: str) -> Reply:
+        assert self.smtp is not None
+        code, message = self.smtp.docmd(verb, argument)
+        return code, _reply_text(message)
+
+    def data(self, message: bytes) -> Reply:
+        assert self.smtp is not None
+        try:
+            code, reply = self.smtp.data(message)
+        except smtplib.SMTPDataError as error:  # DATA itself refused
+            code, reply = error.smtp_code, error.smtp_error
+        return code, _reply_text(reply)
+
+    def close(self) -> None:
+        """QUIT politely; never raises."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.sock is not None:
+                smtp.quit()
+        except (smtplib.SMTPException, OSError, ValueError):
+            pass
+        finally:
+            smtp.close()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error ({error.reason or error})"
+    if isinstance(error, smtplib.SMTPServerDisconnected):
+        return "connection closed by upstream"
+    if isinstance(error, smtplib.SMTPResponseException):
+        return f"{error.smtp_code} {_reply_text(error.smtp_error)}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _one_line(error) or type(error).__name__
+
+
+# Raised inside a worker thread when the link to the upstream is gone.
+_LINK_ERRORS = (smtplib.SMTPServerDisconnected, OSError)
+
+
+class UpstreamPool:
+    """Authenticated upstream sessions kept for reuse.
+
+    Opening TCP + EHLO + STARTTLS + AUTH costs more than a small message, so sessions are
+    returned here after a transaction and handed to the next one. Idle sessions are
+    closed after RELAY_POOL_IDLE_SECONDS (before the upstream's own idle timeout) and
+    after RELAY_POOL_MAX_MESSAGES messages. The pool never holds more sessions than there
+    are client connections, since each client holds at most one.
+    """
+
+    def __init__(self, config: Config, executor: concurrent.futures.Executor):
+        self.config = config
+        self.executor = executor
+        self.tls_context = (upstream_tls_context(config)
+                            if config.relay_use_tls or config.relay_use_ssl else None)
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._background: set[asyncio.Future] = set()
+        self._reaper: asyncio.Task | None = None
+        self.opened = 0
+        self.reused = 0
+
+    async def run(self, function: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function,
+                                                                *args)
+
+    async def acquire(self) -> UpstreamConnection:
+        now = time.monotonic()
+        while self.idle:
+            connection = self.idle.pop()  # most recently used: least likely stale
+            if now - connection.idle_since < self.config.relay_pool_idle_seconds:
+                connection.reused = True
+                self.reused += 1
+                return connection
+            self.discard(connection)
+        return await self.open_new()
+
+    async def open_new(self) -> UpstreamConnection:
+        connection = UpstreamConnection(self.config, self.tls_context)
+        await self.run(connection.open)
+        self.opened += 1
+        self._start_reaper()
+        return connection
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Back to the pool after a finished transaction (the upstream is between
+        transactions: nothing needs resetting)."""
+        if (connection.smtp is None
+                or connection.messages_sent >= self.config.relay_pool_max_messages
+                or self.config.relay_pool_idle_seconds <= 0
+                or len(self.idle) >= self.config.max_connections):
+            self.discard(connection)
+            return
+        connection.idle_since = time.monotonic()
+        self.idle.append(connection)
+
+    def reset_and_release(self, connection: UpstreamConnection,
+                          pending: asyncio.Future | None = None) -> None:
+        """For an abandoned transaction: RSET upstream, then pool it (in the background,
+        after `pending`, the upstream call still running in a thread, if any)."""
+        async def reset() -> None:
+            if pending is not None:
+                await asyncio.wait([pending])
+            try:
+                code, _ = await self.run(connection.command, "RSET", "")
+            except (*_LINK_ERRORS, smtplib.SMTPException, AssertionError):
+                code = 0
+            if code == 250:
+                self.release(connection)
+            else:
+                self.discard(connection)
+        self._in_background(reset())
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        if connection.smtp is not None:
+            self._in_background(self.run(connection.close))
+
+    def _in_background(self, awaitable: Any) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None and self.config.relay_pool_idle_seconds > 0:
+            self._reaper = asyncio.ensure_future(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        limit = self.config.relay_pool_idle_seconds
+        while True:
+            await asyncio.sleep(max(0.05, min(limit / 4, 5.0)))
+            now = time.monotonic()
+            while self.idle and now - self.idle[0].idle_since >= limit:
+                self.discard(self.idle.popleft())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        while self.idle:
+            self.discard(self.idle.popleft())
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.timeout)
+
+
+_MAIL_PARAMETER_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
+
+
+class Transaction:
+    """The upstream half of one client transaction: MAIL .. RCPT* .. DATA."""
+
+    def __init__(self, connection: UpstreamConnection, declared_8bit: bool):
+        self.connection = connection
+        self.declared_8bit_unsupported = declared_8bit  # BODY=8BITMIME the upstream lacks
+        self.pending: asyncio.Future | None = None  # the upstream call in a thread
+        self.broken = False  # the upstream link died mid-transaction
+
+
+class Forwarder:
+    """Speaks to the upstream on behalf of one client transaction at a time.
+
+    Each call returns the SMTP reply for the client. Upstream 2xx/4xx/5xx replies are
+    passed on as the upstream gave them; a lost link, a timeout or a TLS failure becomes
+    `451 4.4.x`. An upstream `421` (it is closing) becomes `451 4.4.2`, since our own
+    connection to the client stays open.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            # One worker per client that can be waiting on the upstream, plus room for
+            # background RSET/QUIT: asyncio's default pool has min(32, cores + 4).
+            max_workers=config.max_connections + 4, thread_name_prefix="upstream")
+        self.pool = UpstreamPool(config, self.executor)
+
+    async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
+        transaction: Transaction = session.transaction
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, function, *args)
+        transaction.pending = future
+        session.busy = True  # the client is waiting on us, not idle
+        try:
+            return await asyncio.shield(future)
+        finally:
+            session.busy = False
+            if future.done():
+                transaction.pending = None
+
+    async def begin(self, session: Session, sender: str, options: list[str]) -> str:
+        """MAIL FROM upstream. On 250 the session holds the transaction."""
+        declared_8bit = "BODY=8BITMIME" in options
+        for attempt in (1, 2):
+            connection = await self.pool.acquire()
+            session.transaction = Transaction(connection, False)
+            if "SMTPUTF8" in options and not connection.has("smtputf8"):
+                self.finish(session)
+                return ("555 5.6.7 The upstream does not support SMTPUTF8: send this "
+                        "message with ASCII addresses")
+            if "SMTPUTF8" in options:
+                connection.smtp.command_encoding = "utf-8"
+            # Only what the upstream advertises goes on; aiosmtpd lets no other through.
+            upstream_options = [
+                option for option in options
+                if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
+            session.transaction.declared_8bit_unsupported = (
+                declared_8bit and not connection.has("8bitmime"))
+            argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
+            try:
+                code, text = await self._call(session, connection.command, "MAIL",
+                                              argument)
+            except _LINK_ERRORS as error:
+                code, text = 0, _describe(error)
+            if code and code != 421:
+                if code != 250:
+                    self.finish(session)
+                return f"{code} {text}"
+            # The link is gone. A pooled session may simply have gone stale while idle:
+            # the client must not pay for that, so try once more on a fresh one.
+            self.pool.discard(connection)
+            session.transaction = None
+            if not connection.reused or attempt == 2:
+                raise UpstreamError(text or "upstream closed the connection",
+                                    "451 4.4.2")
+        raise AssertionError("unreachable")
+
+    async def add_recipient(self, session: Session, recipient: str) -> str:
+        return await self._in_transaction(session, "RCPT", f"TO:<{recipient}>")
+
+    async def _in_transaction(self, session: Session, verb: str, argument: str) -> str:
+        transaction: Transaction = session.transaction
+        if transaction.broken:
+            return "451 4.4.2 Upstream connection was lost: start the message again"
+        try:
+            code, text = await self._call(session, transaction.connection.command, verb,
+                                          argument)
+        except _LINK_ERRORS as error:
+            code, text = 0, _describe(error)
+        if code and code != 421:
+            return f"{code} {text}"
+        transaction.broken = True  # finish() closes it when the client moves on
+        raise UpstreamError(text or "upstream closed the connection", "451 4.4.2")
+
+    async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
+        """DATA upstream. Returns (accepted, reply for the client); ends the
+        transaction either way."""
+        transaction: Transaction = session.transaction
+        if transaction.broken:
+            self.finish(session)
+            return False, "451 4.4.2 Upstream connection was lost: send the message again"
+        if transaction.declared_8bit_unsupported and not message.isascii():
+            self.finish(session, reset=True)
+            return False, ("554 5.6.3 The upstream does not support 8BITMIME and the "
+                           "message has 8-bit content")
+        connection = transaction.connection
+        try:
+            code, text = await self._call(session, connection.data, message)
+        except _LINK_ERRORS as error:
+            transaction.broken = True
+            self.finish(session)
+            raise UpstreamError(_describe(error), "451 4.4.2") from None
+        if code == 250:
+            connection.messages_sent += 1
+        elif code in (421, -1) or not 200 <= code < 600:
+            transaction.broken = True
+            self.finish(session)
+            return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
+        self.finish(session)
+        return code == 250, f"{code} {text}"
+
+    def finish(self, session: Session, *, reset: bool = False) -> None:
+        """End the session's upstream transaction: back to the pool, or closed."""
+        transaction: Transaction | None = session.transaction
+        if transaction is None:
+            return
+        session.transaction = None
+        if transaction.broken:
+            self.pool.discard(transaction.connection)
+        elif reset or transaction.pending is not None:
+            self.pool.reset_and_release(transaction.connection, transaction.pending)
+        else:
+            self.pool.release(transaction.connection)
+
+    async def close(self) -> None:
+        await self.pool.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Handler: one aiosmtpd hook per SMTP stage (auth, sender, recipient, data)
+# ---------------------------------------------------------------------------------------
+
+class RelaySession(Session):
+    """aiosmtpd's per-connection Session, plus what the relay tracks about it."""
+
+    # aiosmtpd still assigns this deprecated field after AUTH and logs a warning each
+    # time through its property; a plain attribute keeps the log clean.
+    login_data = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.user: str | None = None
+        self.peer_ip: str | None = None
+        self.message_id: str | None = None
+        self.transaction: Transaction | None = None
+        self.busy = False
+        self.started = 0.0
+
+
+def new_message_id() -> str:
+    return secrets.token_hex(6)
+
+
+class SMTPRelayHandler:
+    """aiosmtpd handler: the checks for each stage, then the upstream's verdict."""
+
+    def __init__(self, config: Config, forwarder: Forwarder):
+        self.config = config
+        self.forwarder = forwarder
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Any,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        await self._abandon(session)
+        # Replies come strictly in order (aiosmtpd handles one command at a time and
+        # drops anything buffered across STARTTLS), so pipelining is safe to offer.
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_HELO(self, server: SMTP, session: Session, envelope: Any,
+                          hostname: str) -> str:
+        session.host_name = hostname
+        await self._abandon(session)
+        return f"250 {server.hostname}"
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Any,
+                          address: str, mail_options: list[str]) -> str:
+        if not session.authenticated:
+            log_event(logging.WARNING, "rejected", session, reason="not-authenticated")
+            return "530 5.7.0 Authentication required"
+        await self._abandon(session)
+        session.message_id = new_message_id()
+        session.started = time.monotonic()
+        try:
+            sender = parse_path(address, smtputf8="SMTPUTF8" in mail_options)
+        except AddressError as error:
+            log_event(logging.WARNING, "sender-refused", session, address=address,
+                      reason=str(error))
+            return error.reply
+        if not self.config.allowed_from_domains.allows(sender.domain):
+            log_event(logging.WARNING, "sender-refused", session, address=address,
+                      domain=sender.domain, reason="domain not allowed")
+            return f"553 5.7.1 Sender domain {sender.domain} is not allowed"
+        try:
+            reply = await self.forwarder.begin(session, str(sender), mail_options)
+        except UpstreamError as error:
+            log_event(logging.ERROR, "upstream-failed", session, stage="MAIL",
+                      **{"from": str(sender)}, reply=error.reply)
+            return error.reply
+        if reply.startswith("250"):
+            envelope.mail_from = str(sender)
+            envelope.mail_options.extend(mail_options)
+            log_event(logging.DEBUG, "sender-accepted", session, **{"from": str(sender)})
+        else:
+            log_event(logging.WARNING, "sender-refused", session, address=str(sender),
+                      reason="upstream", reply=reply)
+        return reply
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Any,
+                          address: str, rcpt_options: list[str]) -> str:
+        fields = {"from": envelope.mail_from}
+        if session.transaction is None:  # the upstream transaction ended under us
+            return "451 4.4.2 Upstream transaction was lost: start the message again"
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            log_event(logging.WARNING, "recipient-refused", session, **fields,
+                      address=address, reason="too many recipients")
+            return f"452 4.5.3 Too many recipients (at most {self.config.max_recipients})"
+        try:
+            recipient = parse_path(address, smtputf8=envelope.smtp_utf8)
+        except AddressError as error:
+            log_event(logging.WARNING, "recipient-refused", session, **fields,
+                      address=address, reason=str(error))
+            return error.reply
+        if not self.config.allowed_to_domains.allows(recipient.domain):
+            log_event(logging.WARNING, "recipient-refused", session, **fields,
+                      address=address, domain=recipient.domain,
+                      reason="domain not allowed")
+            return f"550 5.7.1 Recipient domain {recipient.domain} is not allowed"
+        try:
+            reply = await self.forwarder.add_recipient(session, str(recipient))
+        except UpstreamError as error:
+            log_event(logging.ERROR, "upstream-failed", session, stage="RCPT", **fields,
+                      to=str(recipient), reply=error.reply)
+            return error.reply
+        if reply[:1] == "2":
+            envelope.rcpt_tos.append(str(recipient))
+        else:
+            log_event(logging.WARNING, "recipient-refused", session, **fields,
+                      address=str(recipient), reason="upstream", reply=reply)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Any) -> str:
+        content: bytes = envelope.original_content
+        fields = {"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                  "size": len(content)}
+        refusal = self._refuse_content(content)
+        if refusal is None and session.transaction is None:
+            refusal = "451 4.4.2 Upstream transaction was lost: send the message again"
+        if refusal is not None:
+            self.forwarder.finish(session, reset=True)
+            log_event(logging.WARNING, "message-refused", session, **fields,
+                      reply=refusal)
+            return refusal
+        message = self._received_header(server, session, envelope) + content
+        try:
+            accepted, reply = await self.forwarder.send_data(session, message)
+        except UpstreamError as error:
+            accepted, reply = False, error.reply
+        duration_ms = round((time.monotonic() - session.started) * 1000, 1)
+        if accepted:
+            log_event(logging.INFO, "delivered", session, **fields, upstream=reply,
+                      duration_ms=duration_ms)
+        else:
+            log_event(logging.ERROR, "delivery-failed", session, **fields,
+                      upstream=reply, duration_ms=duration_ms)
+        return reply
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Any) -> str:
+        await self._abandon(session)
+        return "250 2.0.0 OK"
+
+    async def _abandon(self, session: Session) -> None:
+        """The client gave up on its transaction: reset it upstream too."""
+        if session.transaction is not None:
+            log_event(logging.DEBUG, "transaction-abandoned", session)
+            self.forwarder.finish(session, reset=True)
+
+    def _refuse_content(self, content: bytes) -> str | None:
+        if bare_line_ending(content):
+            return ("550 5.6.0 Message refused: bare CR or LF in the data; lines must "
+                    "end with CRLF")
+        return None
+
+    def _received_header(self, server: SMTP, session: Session, envelope: Any) -> bytes:
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if server._tls_protocol is not None:  # aiosmtpd has no public flag
+            protocol += "S"
+        if session.authenticated:
+            protocol += "A"
+        helo = _SAFE_HELO.sub("?", session.host_name or "unknown")[:128]
+        recipient = (f"\r\n\tfor <{envelope.rcpt_tos[0]}>"
+                     if len(envelope.rcpt_tos) == 1 else "")
+        header = (f"Received: from {helo} ([{session.peer_ip}])\r\n"
+                  f"\tby {self.config.smtp_hostname} (smtp-relay) with {protocol} "
+                  f"id {session.message_id}{recipient};\r\n"
+                  f"\t{email.utils.formatdate(localtime=True)}\r\n")
+        return header.encode("utf-8", "replace")
+
+
+_SAFE_HELO = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+# ---------------------------------------------------------------------------------------
+# Server: the listener, the connection cap, the idle timeout and a clean shutdown
+# ---------------------------------------------------------------------------------------
+
+class _RelaySMTP(SMTP):
+    """aiosmtpd's protocol with the few changes a relay needs.
+
+    Overrides private aiosmtpd methods (`_create_session`, `_getaddr`, `_timeout_cb`):
+    aiosmtpd is pinned to an exact version, and tests/test_aiosmtpd_overrides.py fails
+    when an upgrade changes them.
+    """
+
+    def __init__(self, server: SMTPRelayServer, **kwargs: Any):
+        super().__init__(server.handler, **kwargs)
+        self._relay_server = server
+        self._last_activity = time.monotonic()
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = self.session.peer
+        self.session.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        super().connection_lost(error)
+        self._relay_server.connection_closed(self)
+        if session is not None and session.transaction is not None:
+            self._relay_server.forwarder.finish(session, reset=True)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        super().data_received(data)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses paths with the email package's RFC 5322 header parser, which
+        # accepts comments and folding that have no place in SMTP, and is slow. Only
+        # split here; the handler parses strictly (parse_path) and gives the reason.
+        if not arg:
+            return "", ""
+        return split_path(arg)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's timer counts from the last command and then drops the connection
+        # without a word. A client waiting for the upstream is not idle, nor is one
+        # still sending DATA; an idle one is told why it is disconnected.
+        idle = time.monotonic() - self._last_activity
+        session = self.session
+        if (session is not None and session.busy) or idle < self._timeout_duration:
+            self._reset_timeout(max(0.05, self._timeout_duration - idle))
+            return
+        log_event(logging.INFO, "idle-timeout", session)
+        if self.transport is not None:
+            self.transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
+        return "451 4.3.0 Internal error: try again later"
+
+    def say_goodbye(self) -> None:
+        """At shutdown, between commands: tell the client and close."""
+        if self.transport is not None and not self.session.busy:
+            self.transport.write(b"421 4.3.2 Service shutting down\r\n")
+            self.transport.close()
+
+
+class _TooManyConnections(asyncio.Protocol):
+    """Answers one connection over MAX_CONNECTIONS and hangs up."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        transport.close()
+
+
+class SMTPRelayServer:
+    """The listening relay: builds the handler and upstream side, caps connections,
+    and shuts down without cutting a delivery short."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.forwarder = Forwarder(config)
+        self.handler = SMTPRelayHandler(config, self.forwarder)
+        self.authenticator = SMTPAuthHandler(config.auth_username, config.auth_password)
+        self.tls_context = inbound_tls_context(config) if config.use_tls else None
+        self.connections: set[_RelaySMTP] = set()
+        self.refused_connections = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._smtp_options = {
+            "hostname": config.smtp_hostname,
+            "ident": "ESMTP smtp-relay",
+            "data_size_limit": config.max_message_size,
+            "enable_SMTPUTF8": True,
+            "decode_data": False,
+            "tls_context": self.tls_context,
+            "require_starttls": config.use_tls,
+            # We check AUTH ourselves at MAIL (530), so aiosmtpd's own switch stays off;
+            # AUTH is offered only after STARTTLS when USE_TLS is on.
+            "auth_required": False,
+            "auth_require_tls": config.use_tls,
+            "authenticator": self.authenticator,
+            "timeout": config.timeout,
+            "command_call_limit": {"AUTH": 10, "*": 10**9},
+        }
+
+    def _make_protocol(self) -> asyncio.Protocol:
+        if len(self.connections) >= self.config.max_connections:
+            self.refused_connections += 1
+            log_event(logging.WARNING, "connection-refused",
+                      reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
+            return _TooManyConnections()
+        protocol = _RelaySMTP(self, loop=asyncio.get_running_loop(), **self._smtp_options)
+        self.connections.add(protocol)
+        return protocol
+
+    def connection_closed(self, protocol: _RelaySMTP) -> None:
+        self.connections.discard(protocol)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                self._make_protocol, self.config.listen_host, self.config.listen_port,
+                reuse_address=True, backlog=max(100, self.config.max_connections))
+        except OSError as error:
+            raise ConfigError(
+                f"LISTEN_HOST/LISTEN_PORT: cannot listen on {self.config.listen_host}:"
+                f"{self.config.listen_port} ({error.strerror or error}): expects a free "
+                "port on a local address") from None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop accepting; let deliveries in flight finish (bounded by TIMEOUT)."""
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + self.config.timeout
+        while time.monotonic() < deadline:
+            for protocol in list(self.connections):
+                protocol.say_goodbye()
+            if not any(p.session is not None and p.session.busy
+                       for p in self.connections):
+                break
+            await asyncio.sleep(0.05)
+        for protocol in list(self.connections):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        await self.forwarder.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+def _startup_warnings(config: Config) -> None:
+    if config.auth_password == DEFAULT_AUTH_PASSWORD:
+        log.warning("SMTP_AUTH_PASSWORD is the default %r: anyone who knows it can send "
+                    "through this relay. Set your own.", DEFAULT_AUTH_PASSWORD)
+    if not config.use_tls:
+        log.warning("USE_TLS is off: clients send AUTH credentials and mail in plaintext. "
+                    "Fine on a trusted network or loopback; otherwise turn USE_TLS on.")
+    if (config.relay_use_tls or config.relay_use_ssl) and not config.relay_tls_verify:
+        log.warning("RELAY_TLS_VERIFY is off: the upstream's certificate is not checked, "
+                    "so anyone on the path can impersonate it.")
+    if not (config.relay_use_tls or config.relay_use_ssl):
+        log.warning("RELAY_USE_TLS and RELAY_USE_SSL are off: mail goes to the upstream "
+                    "in plaintext.")
+
+
+async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | None = None
+                ) -> int:
+    server = SMTPRelayServer(config)
+    await server.start()
+    log_event(logging.INFO, "started", listen=f"{config.listen_host}:{server.port}",
+              **{k: v for k, v in config.redacted().items()
+                 if k not in ("listen_host", "listen_port")})
+    _startup_warnings(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        await ready(server)
+    await stop.wait()
+    log_event(logging.INFO, "stopping", in_flight=sum(
+        1 for p in server.connections if p.session is not None and p.session.busy))
+    await server.stop()
+    log_event(logging.INFO, "stopped")
+    return 0
+
+
+DEMO_ENV = {
+    "SMTP_AUTH_USERNAME": "demo",
+    "SMTP_AUTH_PASSWORD": "demo-password",
+    "ALLOWED_FROM_DOMAINS": "example.com",
+    "ALLOWED_TO_DOMAINS": "example.com",
+    "LISTEN_HOST": "127.0.0.1",
+    "RELAY_USE_TLS": "false",
+    "RELAY_USE_SSL": "false",
+}
+
+
+async def _demo(env: dict[str, str]) -> int:
+    """The relay in front of a local upstream that prints every message it receives."""
+    from aiosmtpd.handlers import Debugging
+
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(
+        lambda: SMTP(Debugging(sys.stdout), hostname="demo-upstream", loop=loop),
+        "127.0.0.1", 0)
+    env = {**env, "RELAY_HOST": "127.0.0.1",
+           "RELAY_PORT": str(upstream.sockets[0].getsockname()[1])}
+    config = load_config(env)
+    setup_logging(config)
+
+    async def send_example(server: SMTPRelayServer) -> None:
+        def send() -> str:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.login(config.auth_username, config.auth_password)
+                client.sendmail("app@example.com", ["ops@example.com"],
+                                b"Subject: smtp-relay demo\r\n\r\nIt works.\r\n")
+            return "250"
+        await loop.run_in_executor(None, send)
+        print(f"\nDemo: a message went through the relay (above). Try your own:\n"
+              f"  swaks --server 127.0.0.1:{server.port} --auth-user "
+              f"{config.auth_username} --auth-password {config.auth_password} "
+              f"--from app@example.com --to ops@example.com\n"
+              f"Stop with Ctrl-C.\n", flush=True)
+
+    try:
+        return await serve(config, ready=send_example)
+    finally:
+        upstream.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else "serve"
+    if command not in ("serve", "demo"):
+        print(f"usage: {os.path.basename(sys.argv[0])} [serve|demo]", file=sys.stderr)
+        return 2
+    try:
+        from dotenv import load_dotenv
+        # .env in the working directory; variables already in the environment win.
+        load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+        if command == "demo":
+            return asyncio.run(_demo({**DEMO_ENV, **{k: v for k, v in os.environ.items()
+                                                     if k not in DEMO_ENV}}))
+        config = load_config(os.environ)
+        setup_logging(config)
+        return asyncio.run(serve(config))
+    except ConfigError as error:
+        print(f"smtp-relay: configuration error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

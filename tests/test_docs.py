@@ -1,0 +1,93 @@
+"""README, .env.example, docker-compose.yml, Dockerfile, .ci/run and the code agree.
+
+The variables the code reads are found in smtp_relay.py itself, so a variable added to
+the code without its documentation (or documented but never read) fails here.
+"""
+
+import re
+
+import yaml
+from conftest import PROJECT, RELAY_VARIABLES
+
+import smtp_relay
+
+SOURCE = (PROJECT / "smtp_relay.py").read_text()
+README = (PROJECT / "README.md").read_text()
+ENV_EXAMPLE = (PROJECT / ".env.example").read_text()
+COMPOSE = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())
+DOCKERFILE = (PROJECT / "Dockerfile").read_text()
+CI_RUN = (PROJECT / ".ci/run").read_text()
+
+
+def code_variables() -> set[str]:
+    names = set(re.findall(r'_(?:text|boolean|number|domains)\(env, "([A-Z_]+)"', SOURCE))
+    names |= set(re.findall(r'env\.get\("([A-Z_]+)"', SOURCE))
+    return names
+
+
+def readme_variables() -> set[str]:
+    section = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([A-Z_]+)` \|", section, re.MULTILINE))
+
+
+def env_example_variables() -> set[str]:
+    return set(re.findall(r"^#? ?([A-Z][A-Z_]+)=", ENV_EXAMPLE, re.MULTILINE))
+
+
+def compose_relay_environment() -> dict:
+    return COMPOSE["services"]["smtp-relay"]["environment"]
+
+
+def test_code_reads_the_known_variables():
+    assert code_variables() == set(RELAY_VARIABLES)
+
+
+def test_readme_documents_every_variable():
+    assert readme_variables() == code_variables()
+
+
+def test_env_example_lists_every_variable():
+    assert env_example_variables() == code_variables()
+
+
+def test_compose_sets_every_variable():
+    assert set(compose_relay_environment()) == code_variables()
+
+
+def test_env_example_defaults_are_the_code_defaults():
+    """Loading .env.example as it is gives the same config as no variables at all."""
+    values = dict(re.findall(r"^([A-Z][A-Z_]+)=(.*)$", ENV_EXAMPLE, re.MULTILINE))
+    assert smtp_relay.load_config(values) == smtp_relay.load_config({})
+
+
+def test_compose_values_load_and_point_at_the_demo_upstream():
+    environment = {k: str(v) for k, v in compose_relay_environment().items()}
+    config = smtp_relay.load_config(environment)
+    assert config.relay_host == "demo-upstream"
+    demo = COMPOSE["services"]["demo-upstream"]["command"]
+    assert f"0.0.0.0:{config.relay_port}" in demo
+    assert config.log_file.startswith("/var/log/smtp-relay/")
+    assert any(v.endswith(":/var/log/smtp-relay")
+               for v in COMPOSE["services"]["smtp-relay"]["volumes"])
+    assert any(v.startswith("./certs:/etc/certs")
+               for v in COMPOSE["services"]["smtp-relay"]["volumes"])
+
+
+def test_dockerfile_runs_unprivileged_with_an_smtp_healthcheck():
+    assert re.search(r"^FROM python:3\.\d+-slim", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.MULTILINE)
+    assert "HEALTHCHECK" in DOCKERFILE and "smtplib" in DOCKERFILE
+    assert 'CMD ["python", "smtp_relay.py"]' in DOCKERFILE
+    assert "LOG_FILE=/var/log/smtp-relay/" in DOCKERFILE
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```sh\n(.*?)\n```", README, re.DOTALL)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in CI_RUN.splitlines()
+    assert "ruff check" in CI_RUN
+
+
+def test_readme_quick_start_runs_the_demo():
+    commands = re.findall(r"```sh\n(.*?)\n```", README, re.DOTALL)
+    assert commands[0].endswith("python smtp_relay.py demo")

@@ -6,7 +6,7 @@ from conftest import message
 def test_message_is_delivered_with_upstream_reply(relay, upstream):
     with relay.client() as client:
         refused = client.sendmail("app@example.com", ["ops@example.com"], message())
-        code, text = client.noop()
+        code, _ = client.noop()
     assert refused == {}
     assert code == 250
     assert len(upstream.messages) == 1

@@ -772,8 +772,13 @@ def measure(row: Row, sink: SinkProcess, target: Target, data_block: bytes,
 
 def run_direct(case: Case, sink: SinkProcess, data_block: bytes,
                options: RunOptions) -> Row:
+    """Load straight at the sink; also checks the bytes it got (self-test)."""
     row = Row(case.label, False, case.slow_sink, case.size, case.concurrency)
     measure(row, sink, Target(sink.port, None), data_block, options)
+    expected_bytes = row.acked * len(dot_unstuff(data_block))
+    if row.sink_bytes != expected_bytes:
+        row.count_ok = False
+        row.note = f"sink got {row.sink_bytes} bytes, expected {expected_bytes}"
     return row
 
 
@@ -815,7 +820,7 @@ def add_ratios(rows: list[Row]) -> None:
               for r in rows if not r.via_relay}
     for row in rows:
         baseline = direct.get((row.size, row.concurrency, row.slow_sink))
-        if row.via_relay and baseline:
+        if row.via_relay and baseline and row.acked:
             row.ratio_to_direct = row.msg_per_s / baseline
 
 
@@ -968,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, rows, args)
     failed = [row for row in rows if not row.count_ok]
     if failed:
-        print(f"\nCount check FAILED for {len(failed)} run(s).", file=sys.stderr)
+        print(f"\nFAILED: {len(failed)} run(s) failed the count check or did not run.",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -29,9 +29,7 @@ import concurrent.futures
 import dataclasses
 import email.utils
 import hmac
-import ipaddress
 import logging
-import math
 import os
 import re
 import secrets
@@ -163,11 +161,16 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     if raw is None or raw.strip() == "":
         return default
     kind = "a whole number" if integer else "a number"
+    text = raw.strip()
+    # int() and float() also take "1_025" and non-ASCII digits; a setting should not.
+    if not (text.isascii() and re.fullmatch(r"-?[0-9]+" if integer else r"-?[0-9.eE+-]+",
+                                             text)):
+        raise ConfigError(f"{name}={raw!r}: expects {kind}")
     try:
-        value = int(raw.strip()) if integer else float(raw.strip())
+        value = int(text) if integer else float(text)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expects {kind}") from None
-    if math.isnan(value) or not minimum <= value <= maximum:
+    if not minimum <= value <= maximum:
         upper = "" if maximum == float("inf") else f" and at most {maximum:g}"
         raise ConfigError(f"{name}={raw!r}: expects {kind} at least {minimum:g}{upper}")
     return value
@@ -437,13 +440,13 @@ _QUOTED_STRING = {
 }
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. U+009B CSI)
 
 
 def split_path(arg: str) -> tuple[str, str]:
     """Split the argument of MAIL FROM:/RCPT TO: into (path, parameters).
 
-    `<a@b> SIZE=10` -> ("<a@b>", "SIZE=10"). Quoted local parts may contain ">" and
+    `<a@b> SIZE=10` -> ("<a@b>", " SIZE=10"). Quoted local parts may contain ">" and
     spaces. Nothing is validated here beyond finding where the path ends.
     """
     text = arg.lstrip(" ")
@@ -473,12 +476,12 @@ def parse_path(path: str, *, smtputf8: bool = False) -> Mailbox:
     """
     if _CONTROL.search(path):
         raise AddressError("Control characters are not allowed in addresses")
-    if len(path) > MAX_PATH + 2:
-        raise AddressError("Address too long (RFC 5321 allows 256 characters)")
     if path.startswith("<"):
         if not path.endswith(">") or len(path) < 3:
             raise AddressError("Malformed address: expects <local-part@domain>")
         path = path[1:-1]
+    if len(path) > MAX_PATH:
+        raise AddressError("Address too long (RFC 5321 allows 256 characters)")
     if path.startswith("@"):
         raise AddressError("Source routes (<@host:user@domain>) are not accepted",
                            "553 5.7.1")
@@ -497,6 +500,8 @@ def _split_local_part(path: str, smtputf8: bool) -> tuple[str, str]:
             raise AddressError("Malformed quoted local part")
         local_part = match.group()
         unquoted = re.sub(r"\\(.)", r"\1", local_part[1:-1])
+        if not unquoted:
+            raise AddressError("Malformed address: empty local part")
         if any(char in unquoted for char in "@%!"):
             raise AddressError("Routing characters (@ % !) in the local part are not "
                                "accepted", "553 5.7.1")
@@ -538,8 +543,10 @@ def normalize_domain(domain: str) -> str:
     if not all(_LABEL.fullmatch(label) for label in labels):
         raise AddressError(f"Malformed domain {domain!r}")
     try:
-        ipaddress.ip_address(domain)
-    except ValueError:
+        # Not only dotted quads: resolvers also read 127.1, 2130706433 and 0x7f.0.0.1
+        # as addresses. (IPv6 cannot get past the label check above.)
+        socket.inet_aton(domain)
+    except OSError:
         return domain
     raise AddressError("IP-address domains are not accepted", "553 5.7.1")
 

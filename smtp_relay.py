@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import email.utils
+import functools
 import hmac
 import logging
 import os
@@ -1096,11 +1097,16 @@ class SMTPRelayHandler:
         header = (f"Received: from {helo} ([{session.peer_ip}])\r\n"
                   f"\tby {self.config.smtp_hostname} (smtp-relay) with {protocol} "
                   f"id {session.message_id}{recipient};\r\n"
-                  f"\t{email.utils.formatdate(localtime=True)}\r\n")
+                  f"\t{_rfc5322_date(int(time.time()))}\r\n")
         return header.encode("utf-8", "replace")
 
 
 _SAFE_HELO = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+
+
+@functools.lru_cache(maxsize=2)
+def _rfc5322_date(second: int) -> str:
+    return email.utils.formatdate(second, localtime=True)
 
 
 # ---------------------------------------------------------------------------------------

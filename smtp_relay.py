@@ -667,8 +667,8 @@ class UpstreamConnection:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "timed out"
+    if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+        return "timed out"  # smtplib re-raises a read timeout as SMTPServerDisconnected
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({error.verify_message})"
     if isinstance(error, ssl.SSLError):
@@ -724,7 +724,17 @@ class UpstreamPool:
 
     async def open_new(self) -> UpstreamConnection:
         connection = UpstreamConnection(self.config, self.tls_context)
-        await self.run(connection.open)
+        opening = asyncio.get_running_loop().run_in_executor(self.executor,
+                                                             connection.open)
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The client left while we connected: the session is still good for others.
+            def keep(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.release(connection)
+            opening.add_done_callback(keep)
+            raise
         self.opened += 1
         self._start_reaper()
         return connection
@@ -835,7 +845,13 @@ class Forwarder:
         """MAIL FROM upstream. On 250 the session holds the transaction."""
         declared_8bit = "BODY=8BITMIME" in options
         for attempt in (1, 2):
-            connection = await self.pool.acquire()
+            session.busy = True  # waiting on the upstream's connect/TLS/AUTH: not idle
+            try:
+                # A retry never takes another pooled session: it may be just as stale.
+                connection = await (self.pool.acquire() if attempt == 1
+                                    else self.pool.open_new())
+            finally:
+                session.busy = False
             session.transaction = Transaction(connection, False)
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)

@@ -90,7 +90,7 @@ class UpstreamHandler:
         self.stall: dict[str, float] = {}
         self.drop: set[str] = set()
         self.messages: list[Received] = []
-        self.sessions: set[int] = set()
+        self.sessions: dict[int, object] = {}  # id -> session, kept alive: ids unique
         self.mail_commands: list[tuple[str, list[str]]] = []
         self.rcpt_commands: list[str] = []
         self.rset_count = 0
@@ -104,7 +104,7 @@ class UpstreamHandler:
         return False
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        self.sessions.add(id(session))
+        self.sessions[id(session)] = session
         self.mail_commands.append((address, list(mail_options)))
         if await self._misbehave(server, "MAIL"):
             return None
@@ -142,7 +142,7 @@ def _upstream_authenticator(server, session, envelope, mechanism, auth_data):
     ok = (isinstance(auth_data, LoginPassword)
           and auth_data.login == UPSTREAM_USER.encode()
           and auth_data.password == UPSTREAM_PASSWORD.encode())
-    return AuthResult(success=ok)
+    return AuthResult(success=ok, handled=ok)  # handled=False: aiosmtpd answers 535
 
 
 class Upstream:
@@ -157,9 +157,10 @@ class Upstream:
         if starttls_context is not None:
             options.update(tls_context=starttls_context, require_starttls=True)
         if require_auth:
+            # aiosmtpd counts only its own STARTTLS as TLS, so with implicit TLS it
+            # would never offer AUTH unless told TLS is not required.
             options.update(auth_required=True, authenticator=_upstream_authenticator,
-                           auth_require_tls=starttls_context is not None
-                           or implicit_tls_context is not None)
+                           auth_require_tls=starttls_context is not None)
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
                                      ssl_context=implicit_tls_context,
                                      server_hostname="localhost", ready_timeout=10,

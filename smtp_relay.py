@@ -838,6 +838,7 @@ class Forwarder:
             return await asyncio.shield(future)
         finally:
             session.busy = False
+            session.active_at = time.monotonic()  # the client's wait ends now
             if future.done():
                 transaction.pending = None
 
@@ -852,6 +853,7 @@ class Forwarder:
                                     else self.pool.open_new())
             finally:
                 session.busy = False
+                session.active_at = time.monotonic()
             session.transaction = Transaction(connection, False)
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
@@ -963,7 +965,9 @@ class RelaySession(Session):
         self.peer_ip: str | None = None
         self.message_id: str | None = None
         self.transaction: Transaction | None = None
-        self.busy = False
+        self.busy = False  # waiting on the upstream
+        self.receiving_data = False  # between 354 and the end of the data
+        self.active_at = time.monotonic()  # last command, DATA bytes or upstream reply
         self.started = 0.0
 
 
@@ -1008,7 +1012,7 @@ class SMTPRelayHandler:
                       reason=str(error))
             return error.reply
         if not self.config.allowed_from_domains.allows(sender.domain):
-            log_event(logging.WARNING, "sender-refused", session, address=address,
+            log_event(logging.WARNING, "sender-refused", session, address=str(sender),
                       domain=sender.domain, reason="domain not allowed")
             return f"553 5.7.1 Sender domain {sender.domain} is not allowed"
         try:
@@ -1043,7 +1047,7 @@ class SMTPRelayHandler:
             return error.reply
         if not self.config.allowed_to_domains.allows(recipient.domain):
             log_event(logging.WARNING, "recipient-refused", session, **fields,
-                      address=address, domain=recipient.domain,
+                      address=str(recipient), domain=recipient.domain,
                       reason="domain not allowed")
             return f"550 5.7.1 Recipient domain {recipient.domain} is not allowed"
         try:
@@ -1083,6 +1087,7 @@ class SMTPRelayHandler:
         else:
             log_event(logging.ERROR, "delivery-failed", session, **fields,
                       upstream=reply, duration_ms=duration_ms)
+        session.message_id = None  # later lines about the connection are not about it
         return reply
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Any) -> str:
@@ -1141,7 +1146,6 @@ class _RelaySMTP(SMTP):
     def __init__(self, server: SMTPRelayServer, **kwargs: Any):
         super().__init__(server.handler, **kwargs)
         self._relay_server = server
-        self._last_activity = time.monotonic()
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -1159,8 +1163,16 @@ class _RelaySMTP(SMTP):
             self._relay_server.forwarder.finish(session, reset=True)
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = time.monotonic()
+        # Bytes count as activity only inside DATA (a large message may take longer
+        # than TIMEOUT to arrive); junk outside it must not keep a connection alive.
+        if self.session is not None and self.session.receiving_data:
+            self.session.active_at = time.monotonic()
         super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        if duration is None and self.session is not None:  # aiosmtpd: a valid command
+            self.session.active_at = time.monotonic()
+        super()._reset_timeout(duration)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses paths with the email package's RFC 5322 header parser, which
@@ -1185,11 +1197,14 @@ class _RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.session.receiving_data = True
         try:
             stuffed = await self._read_data()
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             self._writer.close()
             raise asyncio.CancelledError from None
+        finally:
+            self.session.receiving_data = False
         if stuffed is None:
             status = "552 Error: Too much mail data"
         elif max(map(len, stuffed.split(b"\r\n"))) > self.line_length_limit - 2:
@@ -1230,8 +1245,8 @@ class _RelaySMTP(SMTP):
         # aiosmtpd's timer counts from the last command and then drops the connection
         # without a word. A client waiting for the upstream is not idle, nor is one
         # still sending DATA; an idle one is told why it is disconnected.
-        idle = time.monotonic() - self._last_activity
         session = self.session
+        idle = time.monotonic() - (session.active_at if session is not None else 0.0)
         if (session is not None and session.busy) or idle < self._timeout_duration:
             self._reset_timeout(max(0.05, self._timeout_duration - idle))
             return
@@ -1244,9 +1259,15 @@ class _RelaySMTP(SMTP):
         log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
         return "451 4.3.0 Internal error: try again later"
 
+    @property
+    def in_flight(self) -> bool:
+        """A message is on its way: its data arriving, or the upstream answering."""
+        return self.session is not None and (self.session.busy
+                                             or self.session.receiving_data)
+
     def say_goodbye(self) -> None:
         """At shutdown, between commands: tell the client and close."""
-        if self.transport is not None and not self.session.busy:
+        if self.transport is not None and not self.in_flight:
             self.transport.write(b"421 4.3.2 Service shutting down\r\n")
             self.transport.close()
 
@@ -1327,8 +1348,7 @@ class SMTPRelayServer:
         while time.monotonic() < deadline:
             for protocol in list(self.connections):
                 protocol.say_goodbye()
-            if not any(p.session is not None and p.session.busy
-                       for p in self.connections):
+            if not any(p.in_flight for p in self.connections):
                 break
             await asyncio.sleep(0.05)
         for protocol in list(self.connections):
@@ -1372,7 +1392,7 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
         await ready(server)
     await stop.wait()
     log_event(logging.INFO, "stopping", in_flight=sum(
-        1 for p in server.connections if p.session is not None and p.session.busy))
+        1 for p in server.connections if p.in_flight))
     await server.stop()
     log_event(logging.INFO, "stopped")
     return 0

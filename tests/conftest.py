@@ -250,7 +250,9 @@ class RelayProcess:
                                      + self.stderr)
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(100).startswith(b"220"):
+                    # Our banner, from our process: another test run may hold the port.
+                    if (b"smtp-relay" in s.recv(200)
+                            and self.process.poll() is None):
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -27,9 +27,19 @@ def test_getaddr_contract():
 
 
 def test_timeout_callback_contract():
+    # _reset_timeout() with no argument means "a valid command arrived".
     assert list(inspect.signature(SMTP._timeout_cb).parameters) == ["self"]
+    assert list(inspect.signature(SMTP._reset_timeout).parameters) == ["self", "duration"]
+    assert "self._reset_timeout()" in inspect.getsource(SMTP._handle_client)
     assert "self._timeout_cb" in inspect.getsource(SMTP._reset_timeout)
     assert "_timeout_duration" in inspect.getsource(SMTP.__init__)
+
+
+def test_data_reader_contract():
+    # smtp_relay's smtp_DATA reads self._reader's buffer and limit directly.
+    source = inspect.getsource(SMTP.__init__)
+    assert "asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit)" in source
+    assert "self._reader = reader" in inspect.getsource(SMTP._cb_client_connected)
 
 
 def test_session_factory_contract():

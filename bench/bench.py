@@ -379,6 +379,7 @@ class RelaySettings:
     command: list[str]
     log_dir: Path
     max_message_size: int
+    log_level: str = "INFO"
 
 
 class RelayProcess:
@@ -406,7 +407,7 @@ class RelayProcess:
             "RELAY_USE_TLS": "false",
             "RELAY_USE_SSL": "false",
             "MAX_CONNECTIONS": "200",
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": self.settings.log_level,
             "LOG_FILE": str(self.log_path),
             "TIMEOUT": str(int(IO_TIMEOUT_S)),
             "MAX_MESSAGE_SIZE": str(self.settings.max_message_size),
@@ -916,6 +917,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=shlex.join([sys.executable, "smtp_relay.py"]),
                         help="command that starts the relay, run in the project root"
                              " (default: this Python with smtp_relay.py)")
+    parser.add_argument("--log-level", default="INFO",
+                        help="the relay's LOG_LEVEL (default INFO, as operators run it:"
+                             " one line per delivered message)")
     parser.add_argument("--json", metavar="PATH", help="also write results as JSON")
     parser.add_argument("--run-sink", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sink-delay-ms", type=int, default=0, help=argparse.SUPPRESS)
@@ -933,7 +937,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> list[Row]:
     cases = planned_cases(args.sizes, args.concs, not args.no_slow)
     options = RunOptions(args.messages_per_session, args.duration, args.messages)
     settings = RelaySettings(shlex.split(args.relay_cmd), log_dir,
-                             max(10 * 1024 * 1024, 4 * max(args.sizes)))
+                             max(10 * 1024 * 1024, 4 * max(args.sizes)), args.log_level)
     data_blocks = {size: dot_stuff(build_message(size)) for size in args.sizes}
     sinks = {False: SinkProcess(0).start()}
     rows: list[Row] = []

@@ -27,11 +27,15 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import email.parser
+import email.policy
 import email.utils
 import functools
 import hmac
+import ipaddress
 import itertools
 import logging
+import math
 import os
 import re
 import secrets
@@ -44,7 +48,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, syntax
+import bcrypt
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
+from limits import RateLimitItemPerDay, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import ConfigurationError
+from limits.storage import storage_from_string
 
 __all__ = [
     "Config",
@@ -123,9 +132,27 @@ class Config:
     max_message_size: int = 10485760
     max_recipients: int = 100
     smtp_hostname: str = ""
+    # Abuse resistance.
+    auth_password_hash: str = ""
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    auth_max_failures: int = 5
+    auth_failure_window: float = 300.0
+    auth_failure_delay: float = 1.0
+    rate_limit_per_minute: int = 0
+    rate_limit_burst: int = 0
+    messages_per_day: int = 0
+    recipients_per_minute: int = 0
+    rate_limit_storage: str = "memory://"
+    allowed_client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_networks_allow_public: bool = False
+    smtps_port: int | None = None
+    tls_min_version: str = "1.2"
+    max_hops: int = 50
+    check_header_from: bool = False
 
     # Values never printed: the start-up line and `repr` show them as "***".
-    SECRETS = ("auth_password", "relay_password")
+    SECRETS = ("auth_password", "relay_password", "auth_password_hash")
 
     def redacted(self) -> dict[str, Any]:
         shown = {}
@@ -135,6 +162,8 @@ class Config:
                 value = "***" if value else ""
             elif isinstance(value, DomainList):
                 value = str(value)
+            elif isinstance(value, tuple):
+                value = ",".join(map(str, value))
             shown[field.name] = value
         return shown
 
@@ -201,6 +230,66 @@ def _domains(env: Mapping[str, str], name: str, default: str) -> DomainList:
     return DomainList(frozenset(exact), tuple(parents))
 
 
+def _secret(env: Mapping[str, str], name: str, default: str) -> str:
+    """NAME, or the contents of the file NAME_FILE (Docker secrets); never both."""
+    file_name = f"{name}_FILE"
+    path = (env.get(file_name) or "").strip()
+    if not path:
+        return env.get(name, default)
+    if env.get(name):  # an empty value counts as unset, as compose files write it
+        raise ConfigError(f"{name} and {file_name} are both set: expects only one")
+    try:
+        with open(path, encoding="utf-8") as secret_file:
+            value = secret_file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"{file_name}={path!r}: cannot read ({reason}): expects a "
+                          "readable file holding the secret") from None
+    return value.removesuffix("\n").removesuffix("\r")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[Network, ...]:
+    raw = _text(env, name, "")
+    networks = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {entry!r} is not a network; expects CIDR "
+                              "entries like 10.0.0.0/8,192.168.1.20,fd00::/8") from None
+    return tuple(networks)
+
+
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+TLS_VERSIONS = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
+                "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")
+
+
+def _mechanisms(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = _text(env, "AUTH_MECHANISMS", "PLAIN,LOGIN")
+    names = tuple(part.strip().upper() for part in raw.split(",") if part.strip())
+    unknown = [name for name in names if name not in AUTH_MECHANISMS]
+    if not names or unknown:
+        raise ConfigError(f"AUTH_MECHANISMS={raw!r}: expects a comma-separated list of "
+                          + ", ".join(AUTH_MECHANISMS))
+    return names
+
+
+def _auth_password(env: Mapping[str, str]) -> str:
+    password = _secret(env, "SMTP_AUTH_PASSWORD", DEFAULT_AUTH_PASSWORD)
+    hashed = env.get("SMTP_AUTH_PASSWORD_HASH") or env.get("SMTP_AUTH_PASSWORD_HASH_FILE")
+    if hashed:
+        if env.get("SMTP_AUTH_PASSWORD") or env.get("SMTP_AUTH_PASSWORD_FILE"):
+            raise ConfigError("SMTP_AUTH_PASSWORD and SMTP_AUTH_PASSWORD_HASH are both "
+                              "set: expects only one")
+        return ""  # the hash is the password
+    return password
+
+
 def _default_hostname() -> str:
     name = socket.gethostname()
     return name if _HOSTNAME_RE.fullmatch(name) else "localhost"
@@ -210,7 +299,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     """Build the Config from environment variables; raise ConfigError on a bad value."""
     config = Config(
         auth_username=_text(env, "SMTP_AUTH_USERNAME", "user"),
-        auth_password=env.get("SMTP_AUTH_PASSWORD", DEFAULT_AUTH_PASSWORD),
+        auth_password=_auth_password(env),
         allowed_from_domains=_domains(env, "ALLOWED_FROM_DOMAINS", "example.com"),
         allowed_to_domains=_domains(env, "ALLOWED_TO_DOMAINS", "example.com"),
         listen_host=_text(env, "LISTEN_HOST", "0.0.0.0"),
@@ -223,7 +312,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         relay_use_tls=_boolean(env, "RELAY_USE_TLS", True),
         relay_use_ssl=_boolean(env, "RELAY_USE_SSL", False),
         relay_username=_text(env, "RELAY_USERNAME", ""),
-        relay_password=env.get("RELAY_PASSWORD", ""),
+        relay_password=_secret(env, "RELAY_PASSWORD", ""),
         relay_tls_verify=_boolean(env, "RELAY_TLS_VERIFY", True),
         relay_tls_ca_file=_text(env, "RELAY_TLS_CA_FILE", ""),
         relay_pool_idle_seconds=_number(env, "RELAY_POOL_IDLE_SECONDS", 15.0, minimum=0,
@@ -236,15 +325,56 @@ def load_config(env: Mapping[str, str]) -> Config:
         max_message_size=_number(env, "MAX_MESSAGE_SIZE", 10485760, minimum=1024),
         max_recipients=_number(env, "MAX_RECIPIENTS", 100, minimum=1),
         smtp_hostname=_text(env, "SMTP_HOSTNAME", "") or _default_hostname(),
+        auth_password_hash=_secret(env, "SMTP_AUTH_PASSWORD_HASH", "").strip(),
+        auth_mechanisms=_mechanisms(env),
+        auth_max_failures=_number(env, "AUTH_MAX_FAILURES", 5, minimum=0),
+        auth_failure_window=_number(env, "AUTH_FAILURE_WINDOW", 300.0, minimum=1,
+                                    integer=False),
+        auth_failure_delay=_number(env, "AUTH_FAILURE_DELAY", 1.0, minimum=0,
+                                   maximum=30, integer=False),
+        rate_limit_per_minute=_number(env, "RATE_LIMIT_PER_MINUTE", 0, minimum=0),
+        rate_limit_burst=_number(env, "RATE_LIMIT_BURST", 0, minimum=0),
+        messages_per_day=_number(env, "MESSAGES_PER_DAY", 0, minimum=0),
+        recipients_per_minute=_number(env, "RECIPIENTS_PER_MINUTE", 0, minimum=0),
+        rate_limit_storage=_text(env, "RATE_LIMIT_STORAGE", "memory://"),
+        allowed_client_networks=_networks(env, "ALLOWED_CLIENT_NETWORKS"),
+        trusted_networks=_networks(env, "TRUSTED_NETWORKS"),
+        trusted_networks_allow_public=_boolean(env, "TRUSTED_NETWORKS_ALLOW_PUBLIC",
+                                               False),
+        smtps_port=_number(env, "SMTPS_PORT", None, minimum=0, maximum=65535),
+        tls_min_version=_text(env, "TLS_MIN_VERSION", "1.2"),
+        max_hops=_number(env, "MAX_HOPS", 50, minimum=1),
+        check_header_from=_boolean(env, "CHECK_HEADER_FROM", False),
     )
     _check_consistency(config)
     return config
 
 
 def _check_consistency(config: Config) -> None:
-    if not config.auth_username or not config.auth_password:
+    if not config.auth_username or not (config.auth_password or config.auth_password_hash):
         raise ConfigError("SMTP_AUTH_USERNAME/SMTP_AUTH_PASSWORD: expects a non-empty "
                           "user name and password")
+    if config.auth_password_hash:
+        if not _BCRYPT_HASH.fullmatch(config.auth_password_hash):
+            raise ConfigError("SMTP_AUTH_PASSWORD_HASH: expects a bcrypt hash ($2b$ or "
+                              "$2y$, as `htpasswd -nB` or `python smtp_relay.py "
+                              "hash-password` makes)")
+        if "CRAM-MD5" in config.auth_mechanisms:
+            raise ConfigError("AUTH_MECHANISMS includes CRAM-MD5, which needs the plain "
+                              "password: expects SMTP_AUTH_PASSWORD, not "
+                              "SMTP_AUTH_PASSWORD_HASH")
+    if config.tls_min_version not in TLS_VERSIONS:
+        raise ConfigError(f"TLS_MIN_VERSION={config.tls_min_version!r}: expects one of "
+                          + ", ".join(TLS_VERSIONS))
+    if config.rate_limit_burst and not config.rate_limit_per_minute:
+        raise ConfigError("RATE_LIMIT_BURST is set: expects RATE_LIMIT_PER_MINUTE too")
+    public = [str(network) for network in config.trusted_networks
+              if not (network.is_private or network.is_loopback)]
+    if public and not config.trusted_networks_allow_public:
+        raise ConfigError(f"TRUSTED_NETWORKS includes {','.join(public)}, which is not a "
+                          "private or loopback range: clients there could send without "
+                          "AUTH. Expects private ranges, or "
+                          "TRUSTED_NETWORKS_ALLOW_PUBLIC=true")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={config.log_level!r}: expects one of "
                           + ", ".join(_LOG_LEVELS))
@@ -267,18 +397,22 @@ def _check_consistency(config: Config) -> None:
     if config.relay_tls_ca_file and not os.path.isfile(config.relay_tls_ca_file):
         raise ConfigError(f"RELAY_TLS_CA_FILE={config.relay_tls_ca_file!r}: expects a "
                           "readable PEM file of CA certificates")
-    if config.use_tls:
+    if config.use_tls or config.smtps_port is not None:
+        reason = "USE_TLS is on" if config.use_tls else "SMTPS_PORT is set"
         for name, path in (("TLS_CERT_FILE", config.tls_cert_file),
                            ("TLS_KEY_FILE", config.tls_key_file)):
             if not os.path.isfile(path):
                 raise ConfigError(f"{name}={path!r}: expects a readable PEM file "
-                                  "(USE_TLS is on)")
+                                  f"({reason})")
 
 
 def inbound_tls_context(config: Config) -> ssl.SSLContext:
-    """The certificate clients see after STARTTLS."""
+    """The certificate clients see after STARTTLS (and on SMTPS_PORT)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = TLS_VERSIONS[config.tls_min_version]
+    if context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        # OpenSSL's default security level refuses TLS 1.0/1.1 handshakes outright.
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
     try:
         context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
     except (OSError, ssl.SSLError) as error:
@@ -402,31 +536,168 @@ def setup_logging(config: Config) -> None:
 # ---------------------------------------------------------------------------------------
 
 class SMTPAuthHandler:
-    """aiosmtpd authenticator for AUTH PLAIN and LOGIN against the configured user.
+    """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the configured user.
 
-    Both the name and the password are compared in constant time, so timing says nothing
-    about which of the two was wrong.
+    aiosmtpd calls an authenticator synchronously, but a bcrypt check takes a good part
+    of a second, so `__call__` only captures the credentials and `verify` (awaited by
+    the protocol's smtp_AUTH) checks them, bcrypt in a worker thread. Name and password
+    are both compared in constant time, so timing says nothing about which was wrong.
     """
 
-    def __init__(self, username: str, password: str):
-        self._username = username.encode("utf-8")
-        self._password = password.encode("utf-8")
+    def __init__(self, config: Config, executor: concurrent.futures.Executor):
+        self._username = config.auth_username.encode("utf-8")
+        self._password = config.auth_password.encode("utf-8")
+        self._password_hash = config.auth_password_hash.encode("ascii")
+        self._executor = executor
+        # Keyed digests of passwords bcrypt already accepted, so a busy client does not
+        # cost a bcrypt run per connection. Never the password itself.
+        self._cache_key = secrets.token_bytes(32)
+        self._accepted: set[bytes] = set()
 
     def __call__(self, server: SMTP, session: Session, envelope: Any, mechanism: str,
                  auth_data: Any) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        login, password = auth_data.login, auth_data.password
-        name_ok = hmac.compare_digest(login, self._username)
-        password_ok = hmac.compare_digest(password, self._password)
-        user = login.decode("utf-8", "replace")[:128]
-        if name_ok and password_ok:
-            session.user = user
-            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
-            return AuthResult(success=True, auth_data=user)
-        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
-                  attempted_user=user)
-        return AuthResult(success=False, handled=False)
+        session.credentials = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)  # the protocol answers
+
+    async def verify(self, mechanism: str, credentials: Any) -> bool:
+        if mechanism == "CRAM-MD5":
+            login, challenge, digest = credentials
+            expected = hmac.new(self._password, challenge, "md5").hexdigest().encode()
+            return _both(hmac.compare_digest(login, self._username),
+                         hmac.compare_digest(digest, expected))
+        if not isinstance(credentials, LoginPassword):
+            return False
+        name_ok = hmac.compare_digest(credentials.login, self._username)
+        if not self._password_hash:
+            return _both(name_ok, hmac.compare_digest(credentials.password,
+                                                      self._password))
+        cache_key = hmac.new(self._cache_key, credentials.password, "sha256").digest()
+        if cache_key in self._accepted:
+            return name_ok
+        loop = asyncio.get_running_loop()
+        password_ok = await loop.run_in_executor(
+            self._executor, bcrypt.checkpw, credentials.password, self._password_hash)
+        if password_ok:
+            self._accepted.add(cache_key)
+        return _both(name_ok, password_ok)
+
+    @staticmethod
+    def attempted_user(mechanism: str, credentials: Any) -> str:
+        login = credentials[0] if mechanism == "CRAM-MD5" else getattr(
+            credentials, "login", b"")
+        return login.decode("utf-8", "replace")[:128]
+
+
+def _both(first: bool, second: bool) -> bool:
+    return first & second  # both evaluated: no early exit to time
+
+
+class AuthGuard:
+    """Counts failed AUTH per client IP. AUTH_MAX_FAILURES of them within
+    AUTH_FAILURE_WINDOW seconds lock that IP out for AUTH_FAILURE_WINDOW seconds."""
+
+    MAX_TRACKED_ADDRESSES = 100_000  # memory bound under a distributed attack
+
+    def __init__(self, max_failures: int, window: float):
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def locked(self, address: str) -> bool:
+        until = self._locked_until.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._locked_until[address]
+        return False
+
+    def record_failure(self, address: str) -> bool:
+        """Count one failure; True when it locks the address out."""
+        if self.max_failures <= 0:
+            return False
+        now = time.monotonic()
+        if address not in self._failures and len(self._failures) >= \
+                self.MAX_TRACKED_ADDRESSES:
+            self._forget_before(now - self.window)
+            if len(self._failures) >= self.MAX_TRACKED_ADDRESSES:
+                self._failures.pop(next(iter(self._failures)))
+        failures = self._failures.setdefault(address, collections.deque())
+        while failures and failures[0] < now - self.window:
+            failures.popleft()
+        failures.append(now)
+        if len(failures) < self.max_failures:
+            return False
+        del self._failures[address]
+        self._locked_until[address] = now + self.window
+        return True
+
+    def _forget_before(self, oldest: float) -> None:
+        for address in [a for a, f in self._failures.items() if f[-1] < oldest]:
+            del self._failures[address]
+        now = time.monotonic()
+        for address in [a for a, u in self._locked_until.items() if u <= now]:
+            del self._locked_until[address]
+
+
+class RateLimiter:
+    """Per-sender quotas: messages per minute (with a burst cap), per day, and
+    recipients per minute. The sender is the authenticated user, or the client IP for
+    trusted-network clients.
+
+    Built on the `limits` package (moving windows); its storage is a URI, so
+    RATE_LIMIT_STORAGE can point several relays at one shared Redis.
+    """
+
+    def __init__(self, config: Config):
+        self.message_limits: list[tuple[Any, str]] = []
+        per_minute, burst = config.rate_limit_per_minute, config.rate_limit_burst
+        if per_minute:
+            self.message_limits.append((RateLimitItemPerMinute(per_minute),
+                                        f"{per_minute} messages per minute"))
+        if burst:
+            # A token bucket of `burst` refilled at `per_minute`: at most `burst` in the
+            # time the rate takes to refill them.
+            seconds = max(1, math.ceil(60 * burst / per_minute))
+            self.message_limits.append((RateLimitItemPerSecond(burst, seconds),
+                                        f"{burst} messages in {seconds} s"))
+        if config.messages_per_day:
+            self.message_limits.append((RateLimitItemPerDay(config.messages_per_day),
+                                        f"{config.messages_per_day} messages per day"))
+        self.recipient_limit = (RateLimitItemPerMinute(config.recipients_per_minute)
+                                if config.recipients_per_minute else None)
+        self.enabled = bool(self.message_limits or self.recipient_limit)
+        uri = config.rate_limit_storage
+        try:
+            storage = storage_from_string(uri if uri.startswith("async+") else
+                                          f"async+{uri}")
+        except (ConfigurationError, ValueError, ImportError) as error:
+            raise ConfigError(f"RATE_LIMIT_STORAGE={uri!r}: {_one_line(error)}: expects "
+                              "a `limits` storage URI such as memory:// or "
+                              "redis://host:6379") from None
+        self.strategy = MovingWindowRateLimiter(storage)
+
+    async def check_message(self, key: str) -> str | None:
+        """None when one more message is allowed (and counted), else the reply."""
+        for item, text in self.message_limits:
+            if not await self.strategy.test(item, key):
+                return await self._refusal(item, key, text)
+        for item, _ in self.message_limits:
+            await self.strategy.hit(item, key)
+        return None
+
+    async def check_recipient(self, key: str) -> str | None:
+        item = self.recipient_limit
+        if item is None or await self.strategy.hit(item, key):
+            return None
+        return await self._refusal(
+            item, key, f"{item.amount} recipients per minute")
+
+    async def _refusal(self, item: Any, key: str, text: str) -> str:
+        stats = await self.strategy.get_window_stats(item, key)
+        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        return f"451 4.7.1 Rate limit reached ({text}): try again in {retry} s"
 
 
 # ---------------------------------------------------------------------------------------
@@ -595,6 +866,39 @@ def bare_line_ending(content: bytes) -> bool:
     """
     crlf = content.count(b"\r\n")
     return content.count(b"\r") != crlf or content.count(b"\n") != crlf
+
+
+def header_block(content: bytes) -> bytes:
+    """The message's header section (everything before the first empty line)."""
+    if content.startswith(b"\r\n"):
+        return b""
+    return content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+
+
+def count_received_headers(headers: bytes) -> int:
+    return len(_RECEIVED.findall(headers))
+
+
+def header_from_domains(headers: bytes) -> list[str]:
+    """Normalised domains of the addresses in the From: header(s).
+
+    Raises AddressError when there is no From: address or one has no usable domain."""
+    message = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+        headers)
+    values = [str(value) for value in message.get_all("From", [])]
+    addresses = [address for _, address in email.utils.getaddresses(values) if address]
+    if not addresses:
+        raise AddressError("no From: address", "550 5.7.1")
+    domains = []
+    for address in addresses:
+        local_part, at, domain = address.rpartition("@")
+        if not at or not local_part:
+            raise AddressError(f"{address!r} has no domain", "550 5.7.1")
+        domains.append(normalize_domain(domain))
+    return domains
 
 
 # ---------------------------------------------------------------------------------------
@@ -998,6 +1302,8 @@ class RelaySession(Session):
         super().__init__(loop)
         self.user: str | None = None
         self.peer_ip: str | None = None
+        self.trusted = False  # from TRUSTED_NETWORKS: may send without AUTH
+        self.credentials: tuple[str, Any] | None = None  # AUTH data awaiting a check
         self.message_id: str | None = None
         self.transaction: Transaction | None = None
         self.busy = False  # waiting on the upstream
@@ -1015,12 +1321,18 @@ def new_message_id() -> str:
     return f"{_ID_PREFIX}{next(_MESSAGE_IDS):08x}"
 
 
+def sender_key(session: Session) -> str:
+    """Who quotas are counted for: the user, or the address of a trusted client."""
+    return session.user if session.user else f"ip:{session.peer_ip}"
+
+
 class SMTPRelayHandler:
     """aiosmtpd handler: the checks for each stage, then the upstream's verdict."""
 
-    def __init__(self, config: Config, forwarder: Forwarder):
+    def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter):
         self.config = config
         self.forwarder = forwarder
+        self.rate_limiter = rate_limiter
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -1039,7 +1351,7 @@ class SMTPRelayHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Any,
                           address: str, mail_options: list[str]) -> str:
-        if not session.authenticated:
+        if not (session.authenticated or session.trusted):
             log_event(logging.WARNING, "rejected", session, reason="not-authenticated")
             return "530 5.7.0 Authentication required"
         await self._abandon(session)
@@ -1055,6 +1367,12 @@ class SMTPRelayHandler:
             log_event(logging.WARNING, "sender-refused", session, address=str(sender),
                       domain=sender.domain, reason="domain not allowed")
             return f"553 5.7.1 Sender domain {sender.domain} is not allowed"
+        if self.rate_limiter.enabled:
+            refusal = await self.rate_limiter.check_message(sender_key(session))
+            if refusal is not None:
+                log_event(logging.WARNING, "rate-limited", session,
+                          **{"from": str(sender)}, reply=refusal)
+                return refusal
         try:
             reply = await self.forwarder.begin(session, str(sender), mail_options)
         except UpstreamError as error:
@@ -1090,6 +1408,12 @@ class SMTPRelayHandler:
                       address=str(recipient), domain=recipient.domain,
                       reason="domain not allowed")
             return f"550 5.7.1 Recipient domain {recipient.domain} is not allowed"
+        if self.rate_limiter.recipient_limit is not None:
+            refusal = await self.rate_limiter.check_recipient(sender_key(session))
+            if refusal is not None:
+                log_event(logging.WARNING, "rate-limited", session, **fields,
+                          to=str(recipient), reply=refusal)
+                return refusal
         try:
             reply = await self.forwarder.add_recipient(session, str(recipient))
         except UpstreamError as error:
@@ -1144,11 +1468,24 @@ class SMTPRelayHandler:
         if bare_line_ending(content):
             return ("550 5.6.0 Message refused: bare CR or LF in the data; lines must "
                     "end with CRLF")
+        headers = header_block(content)
+        hops = count_received_headers(headers)
+        if hops > self.config.max_hops:
+            return (f"554 5.4.6 Too many hops ({hops} Received: headers, at most "
+                    f"{self.config.max_hops}): mail loop?")
+        if self.config.check_header_from:
+            try:
+                domains = header_from_domains(headers)
+            except AddressError as error:
+                return f"550 5.7.1 From: header refused: {error}"
+            for domain in domains:
+                if not self.config.allowed_from_domains.allows(domain):
+                    return f"550 5.7.1 From: header domain {domain} is not allowed"
         return None
 
     def _received_header(self, server: SMTP, session: Session, envelope: Any) -> bytes:
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
-        if server._tls_protocol is not None:  # aiosmtpd has no public flag
+        if server.encrypted:
             protocol += "S"
         if session.authenticated:
             protocol += "A"
@@ -1178,14 +1515,79 @@ class _RelaySMTP(SMTP):
     """aiosmtpd's protocol with the few changes a relay needs.
 
     Overrides private aiosmtpd methods and state (`_create_session`, `_getaddr`,
-    `_timeout_cb`, `smtp_DATA` reading `_reader` directly):
-    aiosmtpd is pinned to an exact version, and tests/test_aiosmtpd_overrides.py fails
-    when an upgrade changes them.
+    `_timeout_cb`, `_reset_timeout`, `_handle_client`, `smtp_DATA` reading `_reader`
+    directly): aiosmtpd is pinned to an exact version, and
+    tests/test_aiosmtpd_overrides.py fails when an upgrade changes them.
     """
 
-    def __init__(self, server: SMTPRelayServer, **kwargs: Any):
+    def __init__(self, server: SMTPRelayServer, *, implicit_tls: bool = False,
+                 **kwargs: Any):
         super().__init__(server.handler, **kwargs)
         self._relay_server = server
+        self.implicit_tls = implicit_tls  # the SMTPS listener: TLS from the first byte
+
+    @property
+    def encrypted(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    async def _handle_client(self) -> None:
+        # The connection checker: before the greeting, refuse clients from outside
+        # ALLOWED_CLIENT_NETWORKS and addresses locked out for guessing passwords.
+        session = self.session
+        refusal = self._relay_server.connection_refusal(session)
+        if refusal is not None:
+            self.transport.write(refusal.encode() + b"\r\n")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        server, session = self._relay_server, self.session
+        if server.auth_guard.locked(session.peer_ip):
+            await self._locked_out()
+            return
+        session.credentials = None
+        await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
+        if session.credentials is None:
+            return  # aiosmtpd already answered (syntax error, abort, already done)
+        mechanism, credentials = session.credentials
+        session.credentials = None
+        if await server.authenticator.verify(mechanism, credentials):
+            session.authenticated = True
+            session.user = session.auth_data = server.config.auth_username
+            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
+            await self.push("235 2.7.0 Authentication successful")
+            return
+        attempted = SMTPAuthHandler.attempted_user(mechanism, credentials)
+        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
+                  attempted_user=attempted)
+        locked_now = server.auth_guard.record_failure(session.peer_ip)
+        # A pause before each "no" slows guessing; it blocks only this client.
+        await asyncio.sleep(server.config.auth_failure_delay)
+        if locked_now:
+            log_event(logging.ERROR, "auth-locked-out", session,
+                      failures=server.config.auth_max_failures,
+                      seconds=server.config.auth_failure_window)
+            await self._locked_out()
+        else:
+            await self.push("535 5.7.8 Authentication credentials invalid")
+
+    async def _locked_out(self) -> None:
+        await self.push("421 4.7.0 Too many failed logins from your address; try "
+                        "again later")
+        self.transport.close()
+
+    async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:
+        """RFC 2195; offered only when AUTH_MECHANISMS asks for it."""
+        if len(args) > 1:
+            await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
+            return AuthResult(success=False, handled=True)
+        challenge = f"<{secrets.token_hex(8)}.{int(time.time())}@{self.hostname}>"
+        response = await self.challenge_auth(challenge)
+        if response is MISSING:
+            return AuthResult(success=False, handled=True)
+        login, _, digest = response.rpartition(b" ")
+        return self._authenticate("CRAM-MD5", (login, challenge.encode(), digest))
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -1327,63 +1729,107 @@ class SMTPRelayServer:
     def __init__(self, config: Config):
         self.config = config
         self.forwarder = Forwarder(config)
-        self.handler = SMTPRelayHandler(config, self.forwarder)
-        self.authenticator = SMTPAuthHandler(config.auth_username, config.auth_password)
-        self.tls_context = inbound_tls_context(config) if config.use_tls else None
+        self.rate_limiter = RateLimiter(config)
+        self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter)
+        self.authenticator = SMTPAuthHandler(config, self.forwarder.executor)
+        self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
+        self.tls_context = (inbound_tls_context(config)
+                            if config.use_tls or config.smtps_port is not None else None)
         self.connections: set[_RelaySMTP] = set()
         self.refused_connections = 0
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._smtp_options = {
             "hostname": config.smtp_hostname,
             "ident": "ESMTP smtp-relay",
             "data_size_limit": config.max_message_size,
             "enable_SMTPUTF8": True,
             "decode_data": False,
-            "tls_context": self.tls_context,
+            "tls_context": self.tls_context if config.use_tls else None,
             "require_starttls": config.use_tls,
             # We check AUTH ourselves at MAIL (530), so aiosmtpd's own switch stays off;
             # AUTH is offered only after STARTTLS when USE_TLS is on.
             "auth_required": False,
             "auth_require_tls": config.use_tls,
+            "auth_exclude_mechanism": [m for m in AUTH_MECHANISMS
+                                       if m not in config.auth_mechanisms],
             "authenticator": self.authenticator,
             "timeout": config.timeout,
             "command_call_limit": {"AUTH": 10, "*": 10**9},
         }
+        # SMTPS: TLS from the first byte, so no STARTTLS, and AUTH offered at once
+        # (aiosmtpd counts only its own STARTTLS as TLS: issues #281/#274).
+        self._smtps_options = {**self._smtp_options, "tls_context": None,
+                               "require_starttls": False, "auth_require_tls": False}
 
-    def _make_protocol(self) -> asyncio.Protocol:
+    def _make_protocol(self, implicit_tls: bool = False) -> asyncio.Protocol:
         if len(self.connections) >= self.config.max_connections:
             self.refused_connections += 1
             log_event(logging.WARNING, "connection-refused",
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
             return _TooManyConnections()
-        protocol = _RelaySMTP(self, loop=asyncio.get_running_loop(), **self._smtp_options)
+        options = self._smtps_options if implicit_tls else self._smtp_options
+        protocol = _RelaySMTP(self, implicit_tls=implicit_tls,
+                              loop=asyncio.get_running_loop(), **options)
         self.connections.add(protocol)
         return protocol
+
+    def connection_refusal(self, session: Session) -> str | None:
+        """The connection checker: None to serve this client, else the reply."""
+        try:
+            address = ipaddress.ip_address(session.peer_ip.split("%")[0])
+        except ValueError:  # not an IP peer (a Unix socket): nothing to match
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        networks = self.config.allowed_client_networks
+        if networks and not any(address in network for network in networks):
+            log_event(logging.WARNING, "connection-refused", session,
+                      reason="not in ALLOWED_CLIENT_NETWORKS")
+            return "554 5.7.1 Your address is not allowed to use this relay"
+        if self.auth_guard.locked(session.peer_ip):
+            log_event(logging.WARNING, "connection-refused", session,
+                      reason="locked out after failed logins")
+            return "421 4.7.0 Too many failed logins from your address; try again later"
+        session.trusted = any(address in network
+                              for network in self.config.trusted_networks)
+        return None
 
     def connection_closed(self, protocol: _RelaySMTP) -> None:
         self.connections.discard(protocol)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        await self._listen("LISTEN_PORT", self.config.listen_port, self._make_protocol)
+        if self.config.smtps_port is not None:
+            await self._listen("SMTPS_PORT", self.config.smtps_port,
+                               lambda: self._make_protocol(implicit_tls=True),
+                               ssl=self.tls_context)
+
+    async def _listen(self, name: str, port: int, factory: Callable,
+                      **options: Any) -> None:
+        host = self.config.listen_host
         try:
-            self._server = await loop.create_server(
-                self._make_protocol, self.config.listen_host, self.config.listen_port,
-                reuse_address=True, backlog=max(100, self.config.max_connections))
+            self._servers.append(await asyncio.get_running_loop().create_server(
+                factory, host, port, reuse_address=True,
+                backlog=max(100, self.config.max_connections), **options))
         except OSError as error:
-            raise ConfigError(
-                f"LISTEN_HOST/LISTEN_PORT: cannot listen on {self.config.listen_host}:"
-                f"{self.config.listen_port} ({error.strerror or error}): expects a free "
-                "port on a local address") from None
+            raise ConfigError(f"LISTEN_HOST/{name}: cannot listen on {host}:{port} "
+                              f"({error.strerror or error}): expects a free port on a "
+                              "local address") from None
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return self._servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def smtps_port(self) -> int | None:
+        if len(self._servers) < 2:
+            return None
+        return self._servers[1].sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         """Stop accepting; let deliveries in flight finish (bounded by TIMEOUT)."""
-        if self._server is not None:
-            self._server.close()
+        for listener in self._servers:
+            listener.close()
         deadline = time.monotonic() + self.config.timeout
         while time.monotonic() < deadline:
             for protocol in list(self.connections):
@@ -1402,7 +1848,7 @@ class SMTPRelayServer:
 # ---------------------------------------------------------------------------------------
 
 def _startup_warnings(config: Config) -> None:
-    if config.auth_password == DEFAULT_AUTH_PASSWORD:
+    if config.auth_password == DEFAULT_AUTH_PASSWORD and not config.auth_password_hash:
         log.warning("SMTP_AUTH_PASSWORD is the default %r: anyone who knows it can send "
                     "through this relay. Set your own.", DEFAULT_AUTH_PASSWORD)
     if not config.use_tls:
@@ -1414,6 +1860,13 @@ def _startup_warnings(config: Config) -> None:
     if not (config.relay_use_tls or config.relay_use_ssl):
         log.warning("RELAY_USE_TLS and RELAY_USE_SSL are off: mail goes to the upstream "
                     "in plaintext.")
+    if config.trusted_networks:
+        log.warning("TRUSTED_NETWORKS: clients from %s may send WITHOUT authenticating "
+                    "(the domain allowlists still apply).",
+                    ",".join(map(str, config.trusted_networks)))
+    if TLS_VERSIONS[config.tls_min_version] < ssl.TLSVersion.TLSv1_2:
+        log.warning("TLS_MIN_VERSION=%s: TLS below 1.2 is broken; allow it only for old "
+                    "devices that cannot do better.", config.tls_min_version)
 
 
 async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | None = None
@@ -1482,12 +1935,36 @@ async def _demo(env: dict[str, str]) -> int:
         upstream.close()
 
 
+def hash_password() -> int:
+    """Print a bcrypt hash for SMTP_AUTH_PASSWORD_HASH (typed twice, or one stdin line)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("smtp-relay: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("smtp-relay: empty password", file=sys.stderr)
+        return 2
+    print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(12)).decode("ascii"))
+    return 0
+
+
+COMMANDS = ("serve", "demo", "hash-password")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "serve"
-    if command not in ("serve", "demo"):
-        print(f"usage: {os.path.basename(sys.argv[0])} [serve|demo]", file=sys.stderr)
+    if command not in COMMANDS or len(argv) > 1:
+        print(f"usage: {os.path.basename(sys.argv[0])} [{'|'.join(COMMANDS)}]",
+              file=sys.stderr)
         return 2
+    if command == "hash-password":
+        return hash_password()
     try:
         from dotenv import load_dotenv
         # .env in the working directory; variables already in the environment win.

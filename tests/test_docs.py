@@ -20,8 +20,11 @@ CI_RUN = (PROJECT / ".ci/run").read_text()
 
 
 def code_variables() -> set[str]:
-    names = set(re.findall(r'_(?:text|boolean|number|domains)\(env, "([A-Z_]+)"', SOURCE))
+    names = set(re.findall(r'_(?:text|boolean|number|domains|networks)\(env, "([A-Z_]+)"',
+                           SOURCE))
     names |= set(re.findall(r'env\.get\("([A-Z_]+)"', SOURCE))
+    for secret in re.findall(r'_secret\(env, "([A-Z_]+)"', SOURCE):
+        names |= {secret, f"{secret}_FILE"}  # every secret can also come from a file
     return names
 
 

@@ -1593,9 +1593,15 @@ class _RelaySMTP(SMTP):
         return RelaySession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # After STARTTLS aiosmtpd makes a new session: keep what the checker decided.
+        trusted = self.session is not None and self.session.trusted
         super().connection_made(transport)
         peer = self.session.peer
         self.session.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        self.session.trusted = trusted
+        # Counted once connected: on SMTPS only after the TLS handshake succeeded (a
+        # failed handshake never reaches connection_made or connection_lost).
+        self._relay_server.connections.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -1768,10 +1774,8 @@ class SMTPRelayServer:
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
             return _TooManyConnections()
         options = self._smtps_options if implicit_tls else self._smtp_options
-        protocol = _RelaySMTP(self, implicit_tls=implicit_tls,
-                              loop=asyncio.get_running_loop(), **options)
-        self.connections.add(protocol)
-        return protocol
+        return _RelaySMTP(self, implicit_tls=implicit_tls,
+                          loop=asyncio.get_running_loop(), **options)
 
     def connection_refusal(self, session: Session) -> str | None:
         """The connection checker: None to serve this client, else the reply."""
@@ -1802,7 +1806,8 @@ class SMTPRelayServer:
         if self.config.smtps_port is not None:
             await self._listen("SMTPS_PORT", self.config.smtps_port,
                                lambda: self._make_protocol(implicit_tls=True),
-                               ssl=self.tls_context)
+                               ssl=self.tls_context,
+                               ssl_handshake_timeout=self.config.timeout)
 
     async def _listen(self, name: str, port: int, factory: Callable,
                       **options: Any) -> None:

@@ -3,7 +3,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    LOG_FILE=/var/log/smtp-relay/smtp-relay.log
+    LOG_FILE=/var/log/smtp-relay/smtp-relay.log \
+    HTTP_PORT=8080
 
 WORKDIR /app
 COPY requirements.txt .
@@ -14,8 +15,8 @@ RUN pip install --no-cache-dir -r requirements.txt \
 COPY smtp_relay.py .
 
 USER relay
-EXPOSE 1025
-# Healthy while the listener answers SMTP: greeting, NOOP, QUIT.
+EXPOSE 1025 8080
+# Healthy while the SMTP listener accepts connections (/healthz on HTTP_PORT).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, smtplib; s = smtplib.SMTP('127.0.0.1', int(os.environ.get('LISTEN_PORT') or 1025), timeout=8); s.noop(); s.quit()"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('HTTP_PORT') or 8080), timeout=8)"]
 CMD ["python", "smtp_relay.py"]

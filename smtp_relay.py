@@ -34,6 +34,7 @@ import functools
 import hmac
 import ipaddress
 import itertools
+import json
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import bcrypt
+import prometheus_client
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from limits import RateLimitItemPerDay, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -150,6 +152,14 @@ class Config:
     tls_min_version: str = "1.2"
     max_hops: int = 50
     check_header_from: bool = False
+    # Operations.
+    log_format: str = "text"
+    log_max_bytes: int = 10485760
+    log_backup_count: int = 5
+    http_host: str = "0.0.0.0"
+    http_port: int | None = None
+    ready_probe_seconds: float = 30.0
+    users_file: str = ""
 
     # Values never printed: the start-up line and `repr` show them as "***".
     SECRETS = ("auth_password", "relay_password", "auth_password_hash")
@@ -208,7 +218,11 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
 
 
 def _domains(env: Mapping[str, str], name: str, default: str) -> DomainList:
-    raw = _text(env, name, default)
+    return parse_domain_list(_text(env, name, default), name)
+
+
+def parse_domain_list(raw: str, name: str) -> DomainList:
+    """`example.com,*.example.org` -> DomainList; ConfigError naming `name` if bad."""
     exact, parents = set(), []
     for entry in raw.split(","):
         entry = entry.strip()
@@ -345,6 +359,14 @@ def load_config(env: Mapping[str, str]) -> Config:
         tls_min_version=_text(env, "TLS_MIN_VERSION", "1.2"),
         max_hops=_number(env, "MAX_HOPS", 50, minimum=1),
         check_header_from=_boolean(env, "CHECK_HEADER_FROM", False),
+        log_format=_text(env, "LOG_FORMAT", "text").lower(),
+        log_max_bytes=_number(env, "LOG_MAX_BYTES", 10485760, minimum=0),
+        log_backup_count=_number(env, "LOG_BACKUP_COUNT", 5, minimum=0, maximum=1000),
+        http_host=_text(env, "HTTP_HOST", "0.0.0.0"),
+        http_port=_number(env, "HTTP_PORT", None, minimum=0, maximum=65535),
+        ready_probe_seconds=_number(env, "READY_PROBE_SECONDS", 30.0, minimum=0,
+                                    maximum=86400, integer=False),
+        users_file=_text(env, "SMTP_USERS_FILE", ""),
     )
     _check_consistency(config)
     return config
@@ -375,6 +397,8 @@ def _check_consistency(config: Config) -> None:
                           "private or loopback range: clients there could send without "
                           "AUTH. Expects private ranges, or "
                           "TRUSTED_NETWORKS_ALLOW_PUBLIC=true")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={config.log_format!r}: expects text or json")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={config.log_level!r}: expects one of "
                           + ", ".join(_LOG_LEVELS))
@@ -466,57 +490,128 @@ def log_event(level: int, event: str, session: Session | None = None, **fields: 
     if session is not None:
         fields = {"id": getattr(session, "message_id", None),
                   "peer": getattr(session, "peer_ip", None),
-                  "user": getattr(session, "user", None), **fields}
-    text = " ".join(f"{key}={_field(value)}" for key, value in fields.items()
-                    if value is not None)
-    log.log(level, "%s %s", event, text)
+                  "user": session_user(session), **fields}
+    log.log(level, event, extra={"event": event, "fields": fields})
 
 
-class _Formatter(logging.Formatter):
-    """`2026-11-21 23:20:44,445 INFO event ...`, with the date part built once a second
-    (strftime on every line is a measurable share of the relay's CPU)."""
+def session_user(session: Session) -> str | None:
+    user = getattr(session, "user", None)
+    if user is None and getattr(session, "trusted", False):
+        return f"trusted:{session.peer_ip}"
+    return user
 
-    _second, _text = -1, ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+class _TextFormatter(logging.Formatter):
+    """`2026-11-21 23:20:44,445 INFO event key=value ...`, the date part built once a
+    second (strftime on every line is a measurable share of the relay's CPU)."""
+
+    _second, _date = -1, ""
+
+    def timestamp(self, record: logging.LogRecord) -> str:
         second = int(record.created)
         if second != self._second:
             self._second = second
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._text},{int(record.msecs):03d}"
+            self._date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._date},{int(record.msecs):03d}"
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        if fields is None:  # a plain log.warning(...): start-up notes, library lines
+            text = _one_line(record.getMessage())
+        else:
+            text = " ".join([record.event] + [f"{key}={_field(value)}"
+                                              for key, value in fields.items()
+                                              if value is not None])
+        line = f"{self.timestamp(record)} {record.levelname} {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
-class _TeeHandler(logging.Handler):
-    """Writes each line to stderr and to LOG_FILE, formatting it once."""
+class _JSONFormatter(_TextFormatter):
+    """One JSON object per line. The keys in JSON_KEYS are always present (null when
+    they do not apply), so a log pipeline can rely on them; other fields follow."""
 
-    def __init__(self, streams: list[Any]):
+    JSON_KEYS = ("time", "level", "event", "id", "peer", "user", "from", "to", "size",
+                 "upstream", "duration_ms")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = dict(getattr(record, "fields", None) or {})
+        entry: dict[str, Any] = dict.fromkeys(self.JSON_KEYS)
+        entry.update(time=self.timestamp(record), level=record.levelname,
+                     event=getattr(record, "event", "message"))
+        if not hasattr(record, "fields"):
+            entry["message"] = record.getMessage()
+        for key, value in fields.items():
+            entry[key] = value if isinstance(value, (int, float, type(None))) else (
+                list(value) if isinstance(value, (list, tuple)) else str(value))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class _LogHandler(logging.Handler):
+    """Writes each line, formatted once, to stderr and to LOG_FILE.
+
+    The file rotates at LOG_MAX_BYTES (LOG_BACKUP_COUNT old files: .1 newest), and
+    reopen() (on SIGHUP) starts a new file after an external logrotate moved it.
+    """
+
+    def __init__(self, path: str, max_bytes: int, backup_count: int):
         super().__init__()
-        self.streams = streams
+        self.path, self.max_bytes, self.backup_count = path, max_bytes, backup_count
+        self.file: Any = None
+        self.size = 0
+        if path:
+            self.reopen()
+
+    def reopen(self) -> None:
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
+            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            self.size = self.file.tell()
+
+    def _rotate(self) -> None:
+        self.file.close()
+        for number in range(self.backup_count - 1, 0, -1):
+            older = f"{self.path}.{number}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{number + 1}")
+        if self.backup_count > 0:
+            os.replace(self.path, f"{self.path}.1")
+        self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        self.size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            for stream in self.streams:
-                stream.write(line)
-                stream.flush()
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if self.file is not None:
+                length = len(line.encode("utf-8")) if not line.isascii() else len(line)
+                if self.max_bytes and self.size and self.size + length > self.max_bytes:
+                    self._rotate()
+                self.file.write(line)
+                self.file.flush()
+                self.size += length
         except Exception:  # noqa: BLE001 (a logging failure must never break a delivery)
             self.handleError(record)
 
 
-def setup_logging(config: Config) -> None:
+def setup_logging(config: Config) -> _LogHandler:
     """stderr and LOG_FILE, one line per event; aiosmtpd's chatter only at DEBUG."""
-    streams: list[Any] = [sys.stderr]
-    if config.log_file:
-        try:
-            directory = os.path.dirname(config.log_file)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            streams.append(open(config.log_file, "a", encoding="utf-8"))  # noqa: SIM115
-        except OSError as error:
-            raise ConfigError(f"LOG_FILE={config.log_file!r}: cannot open "
-                              f"({error.strerror}): expects a writable file path") from None
-    handler = _TeeHandler(streams)
-    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(message)s"))
+    try:
+        directory = os.path.dirname(config.log_file)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        handler = _LogHandler(config.log_file, config.log_max_bytes,
+                              config.log_backup_count)
+    except OSError as error:
+        raise ConfigError(f"LOG_FILE={config.log_file!r}: cannot open "
+                          f"({error.strerror}): expects a writable file path") from None
+    handler.setFormatter(_JSONFormatter() if config.log_format == "json"
+                         else _TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -529,11 +624,161 @@ def setup_logging(config: Config) -> None:
     # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
     logging.getLogger("mail.log").setLevel(
         logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    return handler
+
+
+class Metrics:
+    """Prometheus metrics, served on /metrics when HTTP_PORT is set. Every metric about
+    a message carries the user (for trusted-network clients: trusted:<address>)."""
+
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        registry = self.registry
+        self.connections_open = prometheus_client.Gauge(
+            "smtp_relay_connections_open", "Client connections open now.",
+            registry=registry)
+        self.connections = prometheus_client.Counter(
+            "smtp_relay_connections", "Client connections accepted.", registry=registry)
+        self.connections_refused = prometheus_client.Counter(
+            "smtp_relay_connections_refused",
+            "Client connections refused at the greeting.", ["reason"],
+            registry=registry)
+        self.auth = prometheus_client.Counter(
+            "smtp_relay_auth", "AUTH attempts.", ["result"], registry=registry)
+        self.messages_accepted = prometheus_client.Counter(
+            "smtp_relay_messages_accepted",
+            "Messages the upstream accepted (the client got 250).", ["user"],
+            registry=registry)
+        self.messages_rejected = prometheus_client.Counter(
+            "smtp_relay_messages_rejected",
+            "Refused MAIL, RCPT or DATA, by reason.", ["reason", "user"],
+            registry=registry)
+        self.recipients = prometheus_client.Counter(
+            "smtp_relay_recipients", "Recipients of accepted messages.", ["user"],
+            registry=registry)
+        self.bytes = prometheus_client.Counter(
+            "smtp_relay_bytes", "Bytes of accepted messages.", ["user"],
+            registry=registry)
+        self.upstream_duration = prometheus_client.Histogram(
+            "smtp_relay_upstream_delivery_seconds",
+            "From sending DATA upstream to the upstream's final reply.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry)
+        self.upstream_sessions_open = prometheus_client.Gauge(
+            "smtp_relay_upstream_sessions_open", "Upstream sessions open (pooled or "
+            "in use).", registry=registry)
+        self.upstream_sessions_opened = prometheus_client.Counter(
+            "smtp_relay_upstream_sessions_opened", "Upstream sessions opened.",
+            registry=registry)
+        self.upstream_sessions_reused = prometheus_client.Counter(
+            "smtp_relay_upstream_sessions_reused",
+            "Transactions that reused a pooled upstream session.", registry=registry)
+
+    def rejected(self, reason: str, session: Session) -> None:
+        self.messages_rejected.labels(reason, session_user(session) or "-").inc()
+
+
+def rejection_reason(reply: str) -> str:
+    """Metric label for an upstream refusal."""
+    return "upstream_4xx" if reply[:1] == "4" else "upstream_5xx"
 
 
 # ---------------------------------------------------------------------------------------
 # Auth
 # ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class UserPolicy:
+    """What one user may do; a session keeps the policy it had at AUTH."""
+
+    name: str
+    allowed_from_domains: DomainList
+    allowed_to_domains: DomainList
+    rate_limit_per_minute: int | None = None  # None: RATE_LIMIT_PER_MINUTE
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    policy: UserPolicy
+    password: bytes = b""  # the env user's plain password, or
+    password_hash: bytes = b""  # a bcrypt hash
+
+
+USERS_FILE_FORMAT = ("name:bcrypt-hash[:sender-domains[:recipient-domains"
+                     "[:messages-per-minute]]]")
+_USER_NAME = re.compile(r"[^\s:]{1,128}")
+
+
+def default_policy(config: Config, name: str = "") -> UserPolicy:
+    return UserPolicy(name, config.allowed_from_domains, config.allowed_to_domains)
+
+
+def parse_users_file(text: str, config: Config) -> dict[str, User]:
+    """SMTP_USERS_FILE: one user per line, `#` comments and blank lines ignored:
+
+        name:bcrypt-hash[:sender-domains[:recipient-domains[:messages-per-minute]]]
+
+    Domain fields are comma lists like ALLOWED_FROM_DOMAINS; an empty or missing field
+    falls back to ALLOWED_FROM_DOMAINS / ALLOWED_TO_DOMAINS / RATE_LIMIT_PER_MINUTE.
+    """
+    users: dict[str, User] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"SMTP_USERS_FILE line {number}"
+        fields = line.split(":")
+        if not 2 <= len(fields) <= 5:
+            raise ConfigError(f"{where}: expects {USERS_FILE_FORMAT}")
+        name, hashed, senders, recipients, rate = (fields + ["", "", ""])[:5]
+        if not _USER_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: expects a user name without spaces or colons")
+        if name in users:
+            raise ConfigError(f"{where}: user {name!r} is listed twice")
+        if not _BCRYPT_HASH.fullmatch(hashed):
+            raise ConfigError(f"{where}: expects a bcrypt hash ($2b$ or $2y$) after "
+                              f"the name (python smtp_relay.py hash-password)")
+        rate = rate.strip()
+        if rate and not rate.isdigit():
+            raise ConfigError(f"{where}: expects a whole number of messages per minute")
+        policy = UserPolicy(
+            name,
+            parse_domain_list(senders, f"{where} sender domains")
+            if senders.strip() else config.allowed_from_domains,
+            parse_domain_list(recipients, f"{where} recipient domains")
+            if recipients.strip() else config.allowed_to_domains,
+            int(rate) if rate else None)
+        users[name] = User(policy, password_hash=hashed.encode("ascii"))
+    return users
+
+
+def load_users(config: Config) -> dict[str, User]:
+    """The env user (SMTP_AUTH_USERNAME) and SMTP_USERS_FILE's users together."""
+    users: dict[str, User] = {}
+    # With a users file, the env user exists only when given a password of its own:
+    # the built-in default must not stay a way in.
+    env_user_set = config.auth_password_hash or config.auth_password != \
+        DEFAULT_AUTH_PASSWORD
+    if not config.users_file or env_user_set:
+        users[config.auth_username] = User(
+            default_policy(config, config.auth_username),
+            config.auth_password.encode("utf-8"),
+            config.auth_password_hash.encode("ascii"))
+    if config.users_file:
+        try:
+            with open(config.users_file, encoding="utf-8") as users_file:
+                text = users_file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"SMTP_USERS_FILE={config.users_file!r}: cannot read "
+                              f"({reason}): expects a readable users file") from None
+        for name, user in parse_users_file(text, config).items():
+            if name in users:
+                raise ConfigError(f"SMTP_USERS_FILE: user {name!r} is also "
+                                  "SMTP_AUTH_USERNAME: expects each name once")
+            users[name] = user
+    return users
+
 
 class SMTPAuthHandler:
     """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the configured user.
@@ -545,51 +790,70 @@ class SMTPAuthHandler:
     """
 
     def __init__(self, config: Config, executor: concurrent.futures.Executor):
-        self._username = config.auth_username.encode("utf-8")
-        self._password = config.auth_password.encode("utf-8")
-        self._password_hash = config.auth_password_hash.encode("ascii")
+        self.users = load_users(config)
         self._executor = executor
-        # Keyed digests of passwords bcrypt already accepted, so a busy client does not
-        # cost a bcrypt run per connection. Never the password itself.
+        # Keyed digests of (user, password) pairs bcrypt already accepted, so a busy
+        # client does not cost a bcrypt run per connection. Never the password itself.
         self._cache_key = secrets.token_bytes(32)
         self._accepted: set[bytes] = set()
+        self._dummy_hash = b""  # made on first need (see _hash_for_unknown_names)
+
+    def reload(self, config: Config) -> int:
+        """Re-read SMTP_USERS_FILE (SIGHUP). On error keep the old users and raise."""
+        users = load_users(config)
+        self.users, self._accepted = users, set()
+        return len(users)
 
     def __call__(self, server: SMTP, session: Session, envelope: Any, mechanism: str,
                  auth_data: Any) -> AuthResult:
         session.credentials = (mechanism, auth_data)
         return AuthResult(success=False, handled=True)  # the protocol answers
 
-    async def verify(self, mechanism: str, credentials: Any) -> bool:
+    async def verify(self, mechanism: str, credentials: Any) -> User | None:
+        """The user these credentials prove, or None."""
         if mechanism == "CRAM-MD5":
             login, challenge, digest = credentials
-            expected = hmac.new(self._password, challenge, "md5").hexdigest().encode()
-            return _both(hmac.compare_digest(login, self._username),
-                         hmac.compare_digest(digest, expected))
+            user = self.users.get(login.decode("utf-8", "replace"))
+            secret = user.password if user is not None and user.password else \
+                secrets.token_bytes(16)  # no plain password: cannot match
+            expected = hmac.new(secret, challenge, "md5").hexdigest().encode()
+            return user if hmac.compare_digest(digest, expected) else None
         if not isinstance(credentials, LoginPassword):
-            return False
-        name_ok = hmac.compare_digest(credentials.login, self._username)
-        if not self._password_hash:
-            return _both(name_ok, hmac.compare_digest(credentials.password,
-                                                      self._password))
-        cache_key = hmac.new(self._cache_key, credentials.password, "sha256").digest()
-        if cache_key in self._accepted:
-            return name_ok
+            return None
+        user = self.users.get(credentials.login.decode("utf-8", "replace"))
+        if user is not None and user.password:
+            ok = hmac.compare_digest(credentials.password, user.password)
+            return user if ok else None
+        cache_key = hmac.new(self._cache_key, credentials.login + b"\0" +
+                             credentials.password, "sha256").digest()
+        if user is not None and cache_key in self._accepted:
+            return user
         loop = asyncio.get_running_loop()
-        password_ok = await loop.run_in_executor(
-            self._executor, bcrypt.checkpw, credentials.password, self._password_hash)
-        if password_ok:
+        hashed = user.password_hash if user is not None else \
+            await loop.run_in_executor(self._executor, self._hash_for_unknown_names)
+        if not hashed:
+            return None
+        ok = await loop.run_in_executor(self._executor, bcrypt.checkpw,
+                                        credentials.password, hashed)
+        if ok and user is not None:
             self._accepted.add(cache_key)
-        return _both(name_ok, password_ok)
+            return user
+        return None
+
+    def _hash_for_unknown_names(self) -> bytes:
+        """A hash as costly as the users' own, so that an unknown name takes as long
+        to refuse as a wrong password (timing must not tell which names exist)."""
+        costs = [int(user.password_hash[4:6]) for user in self.users.values()
+                 if user.password_hash]
+        if costs and not self._dummy_hash:
+            self._dummy_hash = bcrypt.hashpw(b"-", bcrypt.gensalt(max(costs)))
+        return self._dummy_hash if costs else b""
 
     @staticmethod
     def attempted_user(mechanism: str, credentials: Any) -> str:
         login = credentials[0] if mechanism == "CRAM-MD5" else getattr(
             credentials, "login", b"")
         return login.decode("utf-8", "replace")[:128]
-
-
-def _both(first: bool, second: bool) -> bool:
-    return first & second  # both evaluated: no early exit to time
 
 
 class AuthGuard:
@@ -651,23 +915,10 @@ class RateLimiter:
     """
 
     def __init__(self, config: Config):
-        self.message_limits: list[tuple[Any, str]] = []
-        per_minute, burst = config.rate_limit_per_minute, config.rate_limit_burst
-        if per_minute:
-            self.message_limits.append((RateLimitItemPerMinute(per_minute),
-                                        f"{per_minute} messages per minute"))
-        if burst:
-            # A token bucket of `burst` refilled at `per_minute`: at most `burst` in the
-            # time the rate takes to refill them.
-            seconds = max(1, math.ceil(60 * burst / per_minute))
-            self.message_limits.append((RateLimitItemPerSecond(burst, seconds),
-                                        f"{burst} messages in {seconds} s"))
-        if config.messages_per_day:
-            self.message_limits.append((RateLimitItemPerDay(config.messages_per_day),
-                                        f"{config.messages_per_day} messages per day"))
+        self.config = config
+        self._message_limits: dict[int, list[tuple[Any, str]]] = {}
         self.recipient_limit = (RateLimitItemPerMinute(config.recipients_per_minute)
                                 if config.recipients_per_minute else None)
-        self.enabled = bool(self.message_limits or self.recipient_limit)
         uri = config.rate_limit_storage
         try:
             storage = storage_from_string(uri if uri.startswith("async+") else
@@ -678,12 +929,37 @@ class RateLimiter:
                               "redis://host:6379") from None
         self.strategy = MovingWindowRateLimiter(storage)
 
-    async def check_message(self, key: str) -> str | None:
+    def message_limits(self, per_minute: int | None) -> list[tuple[Any, str]]:
+        """The limits for one more message; `per_minute` is a user's own rate (SMTP_
+        USERS_FILE), None for RATE_LIMIT_PER_MINUTE."""
+        per_minute = self.config.rate_limit_per_minute if per_minute is None else \
+            per_minute
+        limits = self._message_limits.get(per_minute)
+        if limits is not None:
+            return limits
+        limits, burst = [], self.config.rate_limit_burst
+        if per_minute:
+            limits.append((RateLimitItemPerMinute(per_minute),
+                           f"{per_minute} messages per minute"))
+            if burst:
+                # A token bucket of `burst` refilled at `per_minute`: at most `burst`
+                # in the time the rate takes to refill them.
+                seconds = max(1, math.ceil(60 * burst / per_minute))
+                limits.append((RateLimitItemPerSecond(burst, seconds),
+                               f"{burst} messages in {seconds} s"))
+        if self.config.messages_per_day:
+            limits.append((RateLimitItemPerDay(self.config.messages_per_day),
+                           f"{self.config.messages_per_day} messages per day"))
+        self._message_limits[per_minute] = limits
+        return limits
+
+    async def check_message(self, key: str, per_minute: int | None = None) -> str | None:
         """None when one more message is allowed (and counted), else the reply."""
-        for item, text in self.message_limits:
+        limits = self.message_limits(per_minute)
+        for item, text in limits:
             if not await self.strategy.test(item, key):
                 return await self._refusal(item, key, text)
-        for item, _ in self.message_limits:
+        for item, _ in limits:
             await self.strategy.hit(item, key)
         return None
 
@@ -932,6 +1208,7 @@ class UpstreamConnection:
         self.messages_sent = 0
         self.idle_since = 0.0
         self.reused = False
+        self.discarded = False  # handed to UpstreamPool.discard (closing or closed)
 
     def open(self) -> None:
         """Connect, EHLO, STARTTLS (required when RELAY_USE_TLS), EHLO, AUTH."""
@@ -1035,16 +1312,16 @@ class UpstreamPool:
     are client connections, since each client holds at most one.
     """
 
-    def __init__(self, config: Config, executor: concurrent.futures.Executor):
+    def __init__(self, config: Config, executor: concurrent.futures.Executor,
+                 metrics: Metrics):
         self.config = config
         self.executor = executor
+        self.metrics = metrics
         self.tls_context = (upstream_tls_context(config)
                             if config.relay_use_tls or config.relay_use_ssl else None)
         self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self._background: set[asyncio.Future] = set()
         self._reaper: asyncio.Task | None = None
-        self.opened = 0
-        self.reused = 0
 
     async def run(self, function: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, function,
@@ -1056,7 +1333,7 @@ class UpstreamPool:
             connection = self.idle.pop()  # most recently used: least likely stale
             if now - connection.idle_since < self.config.relay_pool_idle_seconds:
                 connection.reused = True
-                self.reused += 1
+                self.metrics.upstream_sessions_reused.inc()
                 return connection
             self.discard(connection)
         return await self.open_new()
@@ -1071,10 +1348,13 @@ class UpstreamPool:
             # The client left while we connected: the session is still good for others.
             def keep(done: asyncio.Future) -> None:
                 if not done.cancelled() and done.exception() is None:
+                    self.metrics.upstream_sessions_opened.inc()
+                    self.metrics.upstream_sessions_open.inc()
                     self.release(connection)
             opening.add_done_callback(keep)
             raise
-        self.opened += 1
+        self.metrics.upstream_sessions_opened.inc()
+        self.metrics.upstream_sessions_open.inc()
         self._start_reaper()
         return connection
 
@@ -1108,7 +1388,9 @@ class UpstreamPool:
         self._in_background(reset())
 
     def discard(self, connection: UpstreamConnection) -> None:
-        if connection.smtp is not None:
+        if connection.smtp is not None and not connection.discarded:
+            connection.discarded = True
+            self.metrics.upstream_sessions_open.dec()
             self._in_background(self.run(connection.close))
 
     def _in_background(self, awaitable: Any) -> None:
@@ -1159,13 +1441,13 @@ class Forwarder:
     connection to the client stays open.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics: Metrics):
         self.config = config
         self.executor = concurrent.futures.ThreadPoolExecutor(
             # One worker per client that can be waiting on the upstream, plus room for
             # background RSET/QUIT: asyncio's default pool has min(32, cores + 4).
             max_workers=config.max_connections + 4, thread_name_prefix="upstream")
-        self.pool = UpstreamPool(config, self.executor)
+        self.pool = UpstreamPool(config, self.executor, metrics)
 
     async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
         transaction: Transaction = session.transaction
@@ -1303,6 +1585,7 @@ class RelaySession(Session):
         self.user: str | None = None
         self.peer_ip: str | None = None
         self.trusted = False  # from TRUSTED_NETWORKS: may send without AUTH
+        self.policy: UserPolicy | None = None  # the user's, from AUTH (or trusted)
         self.credentials: tuple[str, Any] | None = None  # AUTH data awaiting a check
         self.message_id: str | None = None
         self.transaction: Transaction | None = None
@@ -1329,10 +1612,12 @@ def sender_key(session: Session) -> str:
 class SMTPRelayHandler:
     """aiosmtpd handler: the checks for each stage, then the upstream's verdict."""
 
-    def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter):
+    def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter,
+                 metrics: Metrics):
         self.config = config
         self.forwarder = forwarder
         self.rate_limiter = rate_limiter
+        self.metrics = metrics
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -1351,8 +1636,10 @@ class SMTPRelayHandler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Any,
                           address: str, mail_options: list[str]) -> str:
-        if not (session.authenticated or session.trusted):
+        policy = session.policy
+        if policy is None or not (session.authenticated or session.trusted):
             log_event(logging.WARNING, "rejected", session, reason="not-authenticated")
+            self.metrics.rejected("auth", session)
             return "530 5.7.0 Authentication required"
         await self._abandon(session)
         session.message_id = new_message_id()
@@ -1362,22 +1649,27 @@ class SMTPRelayHandler:
         except AddressError as error:
             log_event(logging.WARNING, "sender-refused", session, address=address,
                       reason=str(error))
+            self.metrics.rejected("address", session)
             return error.reply
-        if not self.config.allowed_from_domains.allows(sender.domain):
+        if not policy.allowed_from_domains.allows(sender.domain):
             log_event(logging.WARNING, "sender-refused", session, address=str(sender),
                       domain=sender.domain, reason="domain not allowed")
+            self.metrics.rejected("sender_domain", session)
             return f"553 5.7.1 Sender domain {sender.domain} is not allowed"
-        if self.rate_limiter.enabled:
-            refusal = await self.rate_limiter.check_message(sender_key(session))
+        if self.rate_limiter.message_limits(policy.rate_limit_per_minute):
+            refusal = await self.rate_limiter.check_message(
+                sender_key(session), policy.rate_limit_per_minute)
             if refusal is not None:
                 log_event(logging.WARNING, "rate-limited", session,
                           **{"from": str(sender)}, reply=refusal)
+                self.metrics.rejected("rate", session)
                 return refusal
         try:
             reply = await self.forwarder.begin(session, str(sender), mail_options)
         except UpstreamError as error:
             log_event(logging.ERROR, "upstream-failed", session, stage="MAIL",
                       **{"from": str(sender)}, reply=error.reply)
+            self.metrics.rejected("upstream_4xx", session)
             return error.reply
         if reply.startswith("250"):
             envelope.mail_from = str(sender)
@@ -1386,6 +1678,7 @@ class SMTPRelayHandler:
         else:
             log_event(logging.WARNING, "sender-refused", session, address=str(sender),
                       reason="upstream", reply=reply)
+            self.metrics.rejected(rejection_reason(reply), session)
         return reply
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Any,
@@ -1396,61 +1689,79 @@ class SMTPRelayHandler:
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             log_event(logging.WARNING, "recipient-refused", session, **fields,
                       address=address, reason="too many recipients")
+            self.metrics.rejected("too_many_recipients", session)
             return f"452 4.5.3 Too many recipients (at most {self.config.max_recipients})"
         try:
             recipient = parse_path(address, smtputf8=envelope.smtp_utf8)
         except AddressError as error:
             log_event(logging.WARNING, "recipient-refused", session, **fields,
                       address=address, reason=str(error))
+            self.metrics.rejected("address", session)
             return error.reply
-        if not self.config.allowed_to_domains.allows(recipient.domain):
+        if not session.policy.allowed_to_domains.allows(recipient.domain):
             log_event(logging.WARNING, "recipient-refused", session, **fields,
                       address=str(recipient), domain=recipient.domain,
                       reason="domain not allowed")
+            self.metrics.rejected("recipient_domain", session)
             return f"550 5.7.1 Recipient domain {recipient.domain} is not allowed"
         if self.rate_limiter.recipient_limit is not None:
             refusal = await self.rate_limiter.check_recipient(sender_key(session))
             if refusal is not None:
                 log_event(logging.WARNING, "rate-limited", session, **fields,
                           to=str(recipient), reply=refusal)
+                self.metrics.rejected("rate", session)
                 return refusal
         try:
             reply = await self.forwarder.add_recipient(session, str(recipient))
         except UpstreamError as error:
             log_event(logging.ERROR, "upstream-failed", session, stage="RCPT", **fields,
                       to=str(recipient), reply=error.reply)
+            self.metrics.rejected("upstream_4xx", session)
             return error.reply
         if reply[:1] == "2":
             envelope.rcpt_tos.append(str(recipient))
         else:
             log_event(logging.WARNING, "recipient-refused", session, **fields,
                       address=str(recipient), reason="upstream", reply=reply)
+            self.metrics.rejected(rejection_reason(reply), session)
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Any) -> str:
         content: bytes = envelope.smtp_data  # as the client sent it: dot-stuffed
         fields = {"from": envelope.mail_from, "to": envelope.rcpt_tos,
                   "size": len(envelope.original_content)}
-        refusal = self._refuse_content(content)
+        refusal = self._refuse_content(content, session.policy)
         if refusal is None and session.transaction is None:
             refusal = "451 4.4.2 Upstream transaction was lost: send the message again"
         if refusal is not None:
             self.forwarder.finish(session, reset=True)
             log_event(logging.WARNING, "message-refused", session, **fields,
                       reply=refusal)
+            self.metrics.rejected("content" if refusal[:1] == "5" else "upstream_4xx",
+                                  session)
             return refusal
         message = self._received_header(server, session, envelope) + content
+        sent_at = time.monotonic()
         try:
             accepted, reply = await self.forwarder.send_data(session, message)
         except UpstreamError as error:
             accepted, reply = False, error.reply
-        duration_ms = round((time.monotonic() - session.started) * 1000, 1)
+        now = time.monotonic()
+        self.metrics.upstream_duration.observe(now - sent_at)
+        duration_ms = round((now - session.started) * 1000, 1)
+        user = session_user(session) or "-"
         if accepted:
             log_event(logging.INFO, "delivered", session, **fields, upstream=reply,
                       duration_ms=duration_ms)
+            self.metrics.messages_accepted.labels(user).inc()
+            self.metrics.recipients.labels(user).inc(len(envelope.rcpt_tos))
+            self.metrics.bytes.labels(user).inc(fields["size"])
+            # The client's 250 names the relay's id too: one grep finds the log line.
+            reply = f"{reply} (smtp-relay id {session.message_id})"
         else:
             log_event(logging.ERROR, "delivery-failed", session, **fields,
                       upstream=reply, duration_ms=duration_ms)
+            self.metrics.rejected(rejection_reason(reply), session)
         session.message_id = None  # later lines about the connection are not about it
         return reply
 
@@ -1464,7 +1775,7 @@ class SMTPRelayHandler:
             log_event(logging.DEBUG, "transaction-abandoned", session)
             self.forwarder.finish(session, reset=True)
 
-    def _refuse_content(self, content: bytes) -> str | None:
+    def _refuse_content(self, content: bytes, policy: UserPolicy) -> str | None:
         if bare_line_ending(content):
             return ("550 5.6.0 Message refused: bare CR or LF in the data; lines must "
                     "end with CRLF")
@@ -1479,7 +1790,7 @@ class SMTPRelayHandler:
             except AddressError as error:
                 return f"550 5.7.1 From: header refused: {error}"
             for domain in domains:
-                if not self.config.allowed_from_domains.allows(domain):
+                if not policy.allowed_from_domains.allows(domain):
                     return f"550 5.7.1 From: header domain {domain} is not allowed"
         return None
 
@@ -1552,12 +1863,16 @@ class _RelaySMTP(SMTP):
             return  # aiosmtpd already answered (syntax error, abort, already done)
         mechanism, credentials = session.credentials
         session.credentials = None
-        if await server.authenticator.verify(mechanism, credentials):
+        user = await server.authenticator.verify(mechanism, credentials)
+        if user is not None:
             session.authenticated = True
-            session.user = session.auth_data = server.config.auth_username
+            session.user = session.auth_data = user.policy.name
+            session.policy = user.policy  # kept for the session, even across reloads
+            server.metrics.auth.labels("success").inc()
             log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
             await self.push("235 2.7.0 Authentication successful")
             return
+        server.metrics.auth.labels("failure").inc()
         attempted = SMTPAuthHandler.attempted_user(mechanism, credentials)
         log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
                   attempted_user=attempted)
@@ -1593,12 +1908,15 @@ class _RelaySMTP(SMTP):
         return RelaySession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # After STARTTLS aiosmtpd makes a new session: keep what the checker decided.
+        # After STARTTLS aiosmtpd makes a new session: keep what the checker decided
+        # (AUTH, and so a user's policy, must come again over TLS).
         trusted = self.session is not None and self.session.trusted
         super().connection_made(transport)
         peer = self.session.peer
         self.session.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         self.session.trusted = trusted
+        if trusted:
+            self.session.policy = self._relay_server.default_policy
         # Counted once connected: on SMTPS only after the TLS handshake succeeded (a
         # failed handshake never reaches connection_made or connection_lost).
         self._relay_server.connections.add(self)
@@ -1734,9 +2052,13 @@ class SMTPRelayServer:
 
     def __init__(self, config: Config):
         self.config = config
-        self.forwarder = Forwarder(config)
+        self.metrics = Metrics()
+        self.metrics.connections_open.set_function(lambda: len(self.connections))
+        self.forwarder = Forwarder(config, self.metrics)
         self.rate_limiter = RateLimiter(config)
-        self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter)
+        self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
+                                        self.metrics)
+        self.default_policy = default_policy(config)
         self.authenticator = SMTPAuthHandler(config, self.forwarder.executor)
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
@@ -1770,6 +2092,7 @@ class SMTPRelayServer:
     def _make_protocol(self, implicit_tls: bool = False) -> asyncio.Protocol:
         if len(self.connections) >= self.config.max_connections:
             self.refused_connections += 1
+            self.metrics.connections_refused.labels("max_connections").inc()
             log_event(logging.WARNING, "connection-refused",
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
             return _TooManyConnections()
@@ -1787,15 +2110,20 @@ class SMTPRelayServer:
             address = address.ipv4_mapped
         networks = self.config.allowed_client_networks
         if networks and not any(address in network for network in networks):
+            self.metrics.connections_refused.labels("network").inc()
             log_event(logging.WARNING, "connection-refused", session,
                       reason="not in ALLOWED_CLIENT_NETWORKS")
             return "554 5.7.1 Your address is not allowed to use this relay"
         if self.auth_guard.locked(session.peer_ip):
+            self.metrics.connections_refused.labels("locked_out").inc()
             log_event(logging.WARNING, "connection-refused", session,
                       reason="locked out after failed logins")
             return "421 4.7.0 Too many failed logins from your address; try again later"
         session.trusted = any(address in network
                               for network in self.config.trusted_networks)
+        if session.trusted:
+            session.policy = self.default_policy
+        self.metrics.connections.inc()
         return None
 
     def connection_closed(self, protocol: _RelaySMTP) -> None:
@@ -1826,6 +2154,27 @@ class SMTPRelayServer:
         return self._servers[0].sockets[0].getsockname()[1]
 
     @property
+    def serving(self) -> bool:
+        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+
+    def reload(self, log_handler: _LogHandler | None) -> None:
+        """SIGHUP: reopen the log file (after logrotate) and re-read SMTP_USERS_FILE.
+        Sessions and deliveries go on; a users file that fails validation keeps the
+        old users. Authenticated sessions keep the policy they had at AUTH."""
+        if log_handler is not None and log_handler.path:
+            try:
+                log_handler.reopen()
+            except OSError as error:
+                log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
+        try:
+            count = self.authenticator.reload(self.config)
+        except ConfigError as error:
+            log_event(logging.ERROR, "users-reload-failed", reason=str(error),
+                      kept=len(self.authenticator.users))
+            return
+        log_event(logging.INFO, "reloaded", users=count)
+
+    @property
     def smtps_port(self) -> int | None:
         if len(self._servers) < 2:
             return None
@@ -1846,6 +2195,111 @@ class SMTPRelayServer:
             if protocol.transport is not None:
                 protocol.transport.close()
         await self.forwarder.close()
+
+
+class ReadinessProbe:
+    """Is the upstream usable? Connect, EHLO, STARTTLS and AUTH as configured, at most
+    once per READY_PROBE_SECONDS; callers in between share the cached answer."""
+
+    def __init__(self, config: Config, pool: UpstreamPool):
+        self.config = config
+        self.pool = pool
+        self._answer: tuple[bool, str] | None = None
+        self._answered_at = 0.0
+        self._probe: asyncio.Future | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        fresh = time.monotonic() - self._answered_at < self.config.ready_probe_seconds
+        if self._answer is not None and fresh:
+            return self._answer
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._probe)
+
+    async def _run(self) -> tuple[bool, str]:
+        connection = UpstreamConnection(self.config, self.pool.tls_context)
+        try:
+            await self.pool.run(connection.open)
+            steps = ["connect", "EHLO"] + (["STARTTLS"] if self.config.relay_use_tls
+                                           else []) + (["AUTH"] if
+                                                       self.config.relay_username else [])
+            answer = (True, "upstream answered: " + ", ".join(steps))
+        except UpstreamError as error:
+            answer = (False, f"upstream not ready: {error}")
+        finally:
+            await self.pool.run(connection.close)
+            self._probe = None
+        self._answer, self._answered_at = answer, time.monotonic()
+        return answer
+
+
+class HTTPEndpoint:
+    """/healthz, /readyz and /metrics on HTTP_HOST:HTTP_PORT. Three GET routes need no
+    web framework: a request line and headers are read, one response written."""
+
+    MAX_REQUEST = 8192
+
+    def __init__(self, relay: SMTPRelayServer):
+        self.relay = relay
+        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        config = self.relay.config
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, config.http_host, config.http_port, reuse_address=True,
+                limit=self.MAX_REQUEST)
+        except OSError as error:
+            raise ConfigError(f"HTTP_HOST/HTTP_PORT: cannot listen on {config.http_host}:"
+                              f"{config.http_port} ({error.strerror or error}): expects "
+                              "a free port on a local address") from None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, path = (request.split(b"\r\n", 1)[0].decode("latin-1")
+                            .split(" ") + ["", ""])[:2]
+            status, content_type, body = await self._respond(method, path.split("?")[0])
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            writer.close()
+            return
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def _respond(self, method: str, path: str) -> tuple[str, str, bytes]:
+        text = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", text, b"GET only\n"
+        if path == "/healthz":
+            if self.relay.serving:
+                return "200 OK", text, b"ok: the SMTP listener accepts connections\n"
+            return "503 Service Unavailable", text, b"the SMTP listener is down\n"
+        if path == "/readyz":
+            ready, detail = await self.readiness.check()
+            status = "200 OK" if ready else "503 Service Unavailable"
+            return status, text, (detail + "\n").encode()
+        if path == "/metrics":
+            return ("200 OK", prometheus_client.CONTENT_TYPE_LATEST,
+                    prometheus_client.generate_latest(self.relay.metrics.registry))
+        return "404 Not Found", text, b"try /healthz, /readyz or /metrics\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1874,23 +2328,30 @@ def _startup_warnings(config: Config) -> None:
                     "devices that cannot do better.", config.tls_min_version)
 
 
-async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | None = None
-                ) -> int:
+async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | None = None,
+                log_handler: _LogHandler | None = None) -> int:
     server = SMTPRelayServer(config)
     await server.start()
+    http = HTTPEndpoint(server) if config.http_port is not None else None
+    if http is not None:
+        await http.start()
     log_event(logging.INFO, "started", listen=f"{config.listen_host}:{server.port}",
+              smtps=server.smtps_port, http=http.port if http else None,
               **{k: v for k, v in config.redacted().items()
-                 if k not in ("listen_host", "listen_port")})
+                 if k not in ("listen_host", "listen_port", "smtps_port", "http_port")})
     _startup_warnings(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload, log_handler)
     if ready is not None:
         await ready(server)
     await stop.wait()
     log_event(logging.INFO, "stopping", in_flight=sum(
         1 for p in server.connections if p.in_flight))
+    if http is not None:
+        http.close()
     await server.stop()
     log_event(logging.INFO, "stopped")
     return 0
@@ -1958,7 +2419,154 @@ def hash_password() -> int:
     return 0
 
 
-COMMANDS = ("serve", "demo", "hash-password")
+class UpstreamCheck:
+    """`python smtp_relay.py check`: the upstream settings tried step by step (DNS, TCP,
+    banner, EHLO, STARTTLS and certificate, AUTH), each step's outcome printed with the
+    likely fix when it fails."""
+
+    def __init__(self, config: Config, out: Any = sys.stdout):
+        self.config = config
+        self.out = out
+        self.smtp: smtplib.SMTP | None = None
+
+    def say(self, step: str, ok: bool, detail: str, fix: str = "") -> bool:
+        self.out.write(f"{'ok  ' if ok else 'FAIL'} {step:<10} {detail}\n")
+        if fix:
+            self.out.write(f"     {'':<10} fix: {fix}\n")
+        return ok
+
+    def run(self) -> bool:
+        try:
+            return (self.dns() and self.tcp() and self.banner() and self.ehlo()
+                    and self.starttls() and self.auth())
+        finally:
+            if self.smtp is not None:
+                try:
+                    self.smtp.quit()
+                except (smtplib.SMTPException, OSError):
+                    self.smtp.close()
+
+    def dns(self) -> bool:
+        host, port = self.config.relay_host, self.config.relay_port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            return self.say("DNS", False, f"{host}: {error.strerror}",
+                            "check RELAY_HOST's spelling and this machine's DNS")
+        addresses = sorted({info[4][0] for info in infos})
+        return self.say("DNS", True, f"{host} -> {', '.join(addresses)}")
+
+    def tcp(self) -> bool:
+        host, port = self.config.relay_host, self.config.relay_port
+        try:
+            socket.create_connection((host, port), timeout=self.config.timeout).close()
+        except OSError as error:
+            return self.say("TCP", False, f"{host}:{port}: {_describe(error)}",
+                            "nothing answers there: check RELAY_PORT (587 STARTTLS, "
+                            "465 implicit TLS, 25 often blocked by providers) and "
+                            "firewalls")
+        return self.say("TCP", True, f"connected to {host}:{port}")
+
+    def banner(self) -> bool:
+        config = self.config
+        context = upstream_tls_context(config) if (config.relay_use_tls
+                                                   or config.relay_use_ssl) else None
+        try:
+            if config.relay_use_ssl:
+                self.smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=context,
+                                             local_hostname=config.smtp_hostname)
+            else:
+                self.smtp = smtplib.SMTP(timeout=config.timeout,
+                                         local_hostname=config.smtp_hostname)
+            code, text = self.smtp.connect(config.relay_host, config.relay_port)
+        except ssl.SSLCertVerificationError as error:
+            return self.say("TLS", False, _describe(error), self._certificate_fix(error))
+        except (ssl.SSLError, smtplib.SMTPException, OSError) as error:
+            fix = ("this port does not speak TLS first: use RELAY_USE_TLS=true and "
+                   "RELAY_USE_SSL=false (STARTTLS, usually port 587)"
+                   if config.relay_use_ssl else
+                   "the server said nothing: port 465 expects implicit TLS "
+                   "(RELAY_USE_SSL=true, RELAY_USE_TLS=false)")
+            return self.say("banner", False, _describe(error), fix)
+        if code != 220:
+            return self.say("banner", False, f"{code} {_reply_text(text)}",
+                            "the upstream refuses connections from this address")
+        return self.say("banner", True, f"{code} {_reply_text(text)}")
+
+    def ehlo(self) -> bool:
+        code, text = self.smtp.ehlo()
+        if code != 250:
+            return self.say("EHLO", False, f"{code} {_reply_text(text)}",
+                            "the upstream refused our EHLO: set SMTP_HOSTNAME to a "
+                            "proper host name")
+        return self.say("EHLO", True, "extensions: " + " ".join(
+            sorted(self.smtp.esmtp_features)))
+
+    def starttls(self) -> bool:
+        if not self.config.relay_use_tls:
+            detail = ("implicit TLS (RELAY_USE_SSL)" if self.config.relay_use_ssl
+                      else "off (RELAY_USE_TLS=false): mail goes in plaintext")
+            return self.say("STARTTLS", True, detail)
+        if not self.smtp.has_extn("starttls"):
+            return self.say("STARTTLS", False, "not offered by the upstream",
+                            "use the provider's submission port (587), or "
+                            "RELAY_USE_SSL=true on 465")
+        try:
+            self.smtp.starttls(context=upstream_tls_context(self.config))
+        except ssl.SSLCertVerificationError as error:
+            return self.say("STARTTLS", False, _describe(error),
+                            self._certificate_fix(error))
+        except (ssl.SSLError, smtplib.SMTPException, OSError) as error:
+            return self.say("STARTTLS", False, _describe(error), "")
+        certificate = self.smtp.sock.getpeercert() or {}
+        subject = dict(item[0] for item in certificate.get("subject", ()))
+        self.smtp.ehlo()
+        return self.say("STARTTLS", True, f"{self.smtp.sock.version()}, certificate "
+                        f"for {subject.get('commonName', '?')}, valid until "
+                        f"{certificate.get('notAfter', '?')}")
+
+    def _certificate_fix(self, error: ssl.SSLCertVerificationError) -> str:
+        if "hostname" in str(error.verify_message).lower() or "IP address" in str(
+                error.verify_message):
+            return (f"the certificate is not for RELAY_HOST={self.config.relay_host}: "
+                    "use the host name printed on the certificate")
+        return ("the certificate's issuer is not trusted: set RELAY_TLS_CA_FILE to "
+                "the CA that signed it (RELAY_TLS_VERIFY=false only for testing)")
+
+    def auth(self) -> bool:
+        if not self.config.relay_username:
+            return self.say("AUTH", True, "not configured (RELAY_USERNAME empty)")
+        if not self.smtp.has_extn("auth"):
+            return self.say("AUTH", False, "the upstream offers no AUTH here",
+                            "AUTH is usually offered only after TLS and on port 587")
+        try:
+            self.smtp.login(self.config.relay_username, self.config.relay_password)
+        except smtplib.SMTPAuthenticationError as error:
+            text = _reply_text(error.smtp_error)
+            fix = ("the provider wants an app password (Gmail, Microsoft 365) or "
+                   "SMTP credentials (SES), not the account's own password"
+                   if error.smtp_code == 534 or "application" in text.lower() else
+                   "check RELAY_USERNAME and RELAY_PASSWORD; Gmail and Microsoft 365 "
+                   "need an app password")
+            return self.say("AUTH", False, f"{error.smtp_code} {text}", fix)
+        except (smtplib.SMTPException, OSError) as error:
+            return self.say("AUTH", False, _describe(error), "")
+        return self.say("AUTH", True, f"logged in as {self.config.relay_username}")
+
+
+def check_command(environ: Mapping[str, str], out: Any = sys.stdout) -> int:
+    config = load_config(environ)
+    load_users(config)  # a broken users file is a configuration error too
+    out.write("Configuration (secrets redacted):\n")
+    for key, value in config.redacted().items():
+        out.write(f"  {key} = {value}\n")
+    out.write(f"\nUpstream {config.relay_host}:{config.relay_port}:\n")
+    ok = UpstreamCheck(config, out).run()
+    out.write("\nAll steps passed.\n" if ok else "\nThe upstream is not usable yet.\n")
+    return 0 if ok else 1
+
+
+COMMANDS = ("serve", "demo", "hash-password", "check")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1977,9 +2585,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "demo":
             return asyncio.run(_demo({**DEMO_ENV, **{k: v for k, v in os.environ.items()
                                                      if k not in DEMO_ENV}}))
+        if command == "check":
+            return check_command(os.environ)
         config = load_config(os.environ)
-        setup_logging(config)
-        return asyncio.run(serve(config))
+        log_handler = setup_logging(config)
+        return asyncio.run(serve(config, log_handler=log_handler))
     except ConfigError as error:
         print(f"smtp-relay: configuration error: {error}", file=sys.stderr)
         return 2

@@ -526,7 +526,7 @@ def test_trusted_clients_are_counted_per_address(start_relay, upstream):
         assert mail(client).startswith(RATE_LIMITED)
     assert len(upstream.messages) == 2
     first, second = log_lines(relay, "rate-limited")
-    assert "peer=127.0.0.1" in first and "user=" not in first
+    assert "peer=127.0.0.1" in first and "user=trusted:127.0.0.1" in first
     assert f"user={USER}" in second
 
 
@@ -1029,7 +1029,8 @@ def test_load_config_defaults_for_the_abuse_settings():
             config.recipients_per_minute) == (5, 0, 0, 0, 0)
     assert config.allowed_client_networks == () and config.trusted_networks == ()
     assert config.smtps_port is None and config.check_header_from is False
-    assert RateLimiter(config).enabled is False
+    limiter = RateLimiter(config)
+    assert limiter.message_limits(None) == [] and limiter.recipient_limit is None
 
 
 def test_empty_password_with_a_hash_counts_as_unset():

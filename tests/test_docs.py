@@ -79,7 +79,8 @@ def test_compose_values_load_and_point_at_the_demo_upstream():
 def test_dockerfile_runs_unprivileged_with_an_smtp_healthcheck():
     assert re.search(r"^FROM python:3\.\d+-slim", DOCKERFILE, re.MULTILINE)
     assert re.search(r"^USER (?!root)\w+", DOCKERFILE, re.MULTILINE)
-    assert "HEALTHCHECK" in DOCKERFILE and "smtplib" in DOCKERFILE
+    assert "HEALTHCHECK" in DOCKERFILE and "/healthz" in DOCKERFILE
+    assert re.search(r"^ENV .*HTTP_PORT=8080", DOCKERFILE, re.MULTILINE | re.DOTALL)
     assert 'CMD ["python", "smtp_relay.py"]' in DOCKERFILE
     assert "LOG_FILE=/var/log/smtp-relay/" in DOCKERFILE
 

@@ -9,16 +9,20 @@ upstream has the message. Nothing is queued here, so nothing can be lost here.
 The module reads in the order a message travels:
 
     config      -> Config, built once from the environment (and .env)
-    logging     -> one line per event, the same fields on every line
-    auth        -> SMTPAuthHandler: checks AUTH PLAIN/LOGIN credentials
-    policy      -> pure functions: RFC 5321 path parsing, domain allowlists
+    logging     -> one line (text or JSON) per event, the same fields on every line;
+                   Prometheus metrics
+    auth        -> users (env and SMTP_USERS_FILE), SMTPAuthHandler, AuthGuard
+                   (password-guessing lock-out), RateLimiter (quotas)
+    policy      -> pure functions: RFC 5321 path parsing, domain allowlists, headers
     forwarding  -> UpstreamConnection, UpstreamPool, Forwarder: the upstream side
     handler     -> SMTPRelayHandler: aiosmtpd hooks, one per SMTP stage
-    server      -> SMTPRelayServer: listener, connection cap, idle timeout, shutdown
-    main        -> `python smtp_relay.py [demo]`
+    server      -> SMTPRelayServer: listeners, connection checks and cap, idle
+                   timeout, shutdown, SIGHUP reload; /healthz, /readyz, /metrics
+    main        -> `python smtp_relay.py [serve|demo|check|hash-password]`
 
 Run `python smtp_relay.py` to serve; `python smtp_relay.py demo` starts the relay in front
-of a local demo upstream that prints what it receives.
+of a local demo upstream that prints what it receives; `check` tries the upstream
+settings step by step; `hash-password` prints a bcrypt hash for SMTP_AUTH_PASSWORD_HASH.
 """
 
 from __future__ import annotations

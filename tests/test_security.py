@@ -388,7 +388,6 @@ def run_trick(matrix: MatrixSession, verb: str, trick_: Trick) -> list[str]:
     """Send one trick through the matrix session (preceded, for RCPT, by a legitimate
     MAIL); return its replies. Checks that the upstream saw nothing new."""
     client = matrix.get()
-    handler = matrix.rig.upstream.handler
     assert client.command("RSET") == "250 2.0.0 OK"
     if verb == "RCPT":
         opening = f"MAIL FROM:<{SENDER}>" + (" SMTPUTF8" if trick_.smtputf8 else "")
@@ -396,7 +395,7 @@ def run_trick(matrix: MatrixSession, verb: str, trick_: Trick) -> list[str]:
         line = b"RCPT TO:" + trick_.path
     else:
         line = b"MAIL FROM:" + trick_.path + (b" SMTPUTF8" if trick_.smtputf8 else b"")
-    mail_before, rcpt_before = len(handler.mail_commands), len(handler.rcpt_commands)
+    marks = upstream_marks(matrix.rig.upstream)
     client.send(line + b"\r\nNOOP\r\n")
     replies = replies_until_noop(client)[:-1]
 
@@ -407,9 +406,8 @@ def run_trick(matrix: MatrixSession, verb: str, trick_: Trick) -> list[str]:
         assert reply[:1] == "5", replies
     # Nothing new reached the upstream: no MAIL for a refused sender, no RCPT for a
     # refused recipient.
-    assert len(handler.mail_commands) == mail_before, handler.mail_commands
-    assert len(handler.rcpt_commands) == rcpt_before, handler.rcpt_commands
-    assert_upstream_saw_only_allowed(matrix.rig.upstream)
+    assert upstream_marks(matrix.rig.upstream) == marks, upstream_addresses(
+        matrix.rig.upstream, marks)
     return replies
 
 
@@ -558,10 +556,11 @@ def test_commands_pipelined_after_a_real_end_of_data_run_as_commands(rig, raw_cl
                 + f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<b@sub.example.org>\r\nDATA\r\n"
                 .encode())
     replies = [client.reply() for _ in range(4)]
-    assert replies[0] == "250 2.0.0 Ok: queued as UP1", replies
+    assert replies[0].startswith("250 2.0.0 Ok: queued as UP1 "), replies
     assert [reply[:9] for reply in replies[1:]] == ["250 2.1.0", "250 2.1.5",
                                                     "354 End d"], replies
-    assert client.command(message("second") + b".") == "250 2.0.0 Ok: queued as UP2"
+    assert client.command(message("second") + b".").startswith(
+        "250 2.0.0 Ok: queued as UP2 ")
     assert subjects(rig.upstream) == [b"first", b"second"]
     assert [m.rcpt_tos for m in rig.upstream.messages] == [[RECIPIENT],
                                                            ["b@sub.example.org"]]
@@ -578,8 +577,8 @@ def test_dot_stuffed_lines_reach_upstream_as_text_inside_one_message(rig, raw_cl
     assert client.command(f"RCPT TO:<{RECIPIENT}>") == "250 2.1.5 Recipient OK"
     assert client.command("DATA").startswith("354")
     # The stuffed lone dot is the very first line of the data.
-    assert client.command(body + message("stuffed") + b".") == \
-        "250 2.0.0 Ok: queued as UP1"
+    assert client.command(body + message("stuffed") + b".").startswith(
+        "250 2.0.0 Ok: queued as UP1 ")
     [received] = rig.upstream.messages
     assert received.rcpt_tos == [RECIPIENT]
     assert (b"\r\n.\r\nMAIL FROM:<x@example.com>\r\nRCPT TO:<smuggled@example.com>"

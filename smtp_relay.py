@@ -55,7 +55,15 @@ from typing import Any
 
 import bcrypt
 import prometheus_client
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 from limits import RateLimitItemPerDay, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError
@@ -1138,6 +1146,19 @@ def normalize_domain(domain: str) -> str:
     raise AddressError("IP-address domains are not accepted", "553 5.7.1")
 
 
+def forbidden_in_data(content: bytes) -> str | None:
+    """Why the data cannot go upstream as it is, or None.
+
+    CR or LF other than as CRLF (RFC 5321 2.3.8) and NUL are refused: a bare
+    "<LF>.<LF>", or a "<NUL>." line at an MTA that strips NULs, is how SMTP smuggling
+    hides a second message inside the first."""
+    if bare_line_ending(content):
+        return "bare CR or LF in the data; lines must end with CRLF"
+    if b"\x00" in content:
+        return "NUL byte in the data"
+    return None
+
+
 def bare_line_ending(content: bytes) -> bool:
     """True when CR or LF appears other than as CRLF (RFC 5321 2.3.8 forbids it).
 
@@ -1780,9 +1801,9 @@ class SMTPRelayHandler:
             self.forwarder.finish(session, reset=True)
 
     def _refuse_content(self, content: bytes, policy: UserPolicy) -> str | None:
-        if bare_line_ending(content):
-            return ("550 5.6.0 Message refused: bare CR or LF in the data; lines must "
-                    "end with CRLF")
+        problem = forbidden_in_data(content)
+        if problem is not None:
+            return f"550 5.6.0 Message refused: {problem}"
         headers = header_block(content)
         hops = count_received_headers(headers)
         if hops > self.config.max_hops:
@@ -1892,9 +1913,8 @@ class _RelaySMTP(SMTP):
             await self.push("535 5.7.8 Authentication credentials invalid")
 
     async def _locked_out(self) -> None:
-        await self.push("421 4.7.0 Too many failed logins from your address; try "
-                        "again later")
-        self.transport.close()
+        self._hang_up(b"421 4.7.0 Too many failed logins from your address; try "
+                      b"again later\r\n")
 
     async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:
         """RFC 2195; offered only when AUTH_MECHANISMS asks for it."""
@@ -2021,11 +2041,32 @@ class _RelaySMTP(SMTP):
             self._reset_timeout(max(0.05, self._timeout_duration - idle))
             return
         log_event(logging.INFO, "idle-timeout", session)
-        if self.transport is not None:
-            self.transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
-            self.transport.close()
+        self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
+
+    def _hang_up(self, reply: bytes) -> None:
+        """Say why and close. close() waits for the write buffer to drain, so a client
+        that never reads would keep its connection (and MAX_CONNECTIONS slot) forever:
+        whatever cannot be sent at once is dropped."""
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(reply)
+        transport.close()
+        if transport.get_write_buffer_size():
+            transport.abort()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.encrypted:  # RFC 3207: no TLS inside TLS (aiosmtpd would try)
+            await self.push("503 5.5.1 Already running TLS")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # the client's doing, not ours
+            log_event(logging.WARNING, "tls-failed", self.session,
+                      reason=_describe(error.__cause__ or error))
+            return "421 4.7.0 TLS handshake failed"  # aiosmtpd closes; nothing sent
         log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
         return "451 4.3.0 Internal error: try again later"
 
@@ -2037,9 +2078,8 @@ class _RelaySMTP(SMTP):
 
     def say_goodbye(self) -> None:
         """At shutdown, between commands: tell the client and close."""
-        if self.transport is not None and not self.in_flight:
-            self.transport.write(b"421 4.3.2 Service shutting down\r\n")
-            self.transport.close()
+        if not self.in_flight:
+            self._hang_up(b"421 4.3.2 Service shutting down\r\n")
 
 
 class _TooManyConnections(asyncio.Protocol):

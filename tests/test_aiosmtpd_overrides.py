@@ -47,6 +47,18 @@ def test_session_factory_contract():
     assert issubclass(smtp_relay.RelaySession, Session)
 
 
+def test_handle_client_and_starttls_contracts():
+    # _handle_client is wrapped (the connection checker runs before the greeting);
+    # smtp_STARTTLS is wrapped (no TLS inside TLS); TLSSetupException reaches
+    # handle_exception when a handshake fails.
+    assert list(inspect.signature(SMTP._handle_client).parameters) == ["self"]
+    assert "await self.push('220 {} {}'" in inspect.getsource(SMTP._handle_client)
+    assert "raise TLSSetupException() from error" in inspect.getsource(
+        SMTP.smtp_STARTTLS)
+    assert "isinstance(error, TLSSetupException)" in inspect.getsource(
+        SMTP._handle_client)
+
+
 def test_starttls_flag_and_buffer_clearing():
     # The Received: header reads server._tls_protocol; STARTTLS injection protection
     # relies on aiosmtpd discarding what was pipelined behind STARTTLS.

@@ -21,11 +21,15 @@ wherever the relay tells it to.
    the rest as commands: mail to a recipient the policy never checked, under the
    relay's authenticated identity. The upstream must see at most the one message, never
    the smuggled recipient, and the relay must stay in step (the next reply answers the
-   next command).
+   next command). Bare CR/LF variants are refused outright (550 5.6.0); a
+   `<CRLF>NUL.<CRLF>` line has no bare line ending, so that message goes upstream as
+   one message with the would-be commands as body text, dot-stuffing intact.
 3. STARTTLS command injection (CVE-2011-0411 class). A man in the middle appends
    commands to the plaintext STARTTLS line; a server that buffers them runs them inside
    the TLS session as if the client had sent them. After STARTTLS nothing from before
-   may survive: no buffered commands, no authentication, no EHLO.
+   may survive: no buffered commands, no authentication, no EHLO. Plaintext sent after
+   the 220 must never run; a second STARTTLS inside TLS, or a handshake the client
+   abandons, is the client's error, not an internal one (no traceback in the log).
 4. Property-based fuzzing. Hypothesis generates envelope addresses from an alphabet
    full of routing characters and command sequences (EHLO/HELO/MAIL/RCPT/DATA/RSET/
    AUTH/garbage/overlong lines) before and after a valid AUTH. The relay must answer
@@ -35,8 +39,6 @@ wherever the relay tells it to.
    not kill the session; abandoned half-open connections are reclaimed at TIMEOUT so
    MAX_CONNECTIONS cannot be exhausted by idling; a client that never reads its replies
    neither blocks other clients nor keeps its connection slot forever.
-
-Tests marked xfail(strict=True) document bugs found here (see their reasons).
 """
 
 from __future__ import annotations
@@ -434,9 +436,9 @@ def test_allowed_sender_spelling_reaches_upstream_in_the_checked_form(matrix, pa
     client = matrix.get()
     assert client.command("RSET") == "250 2.0.0 OK"
     suffix = " SMTPUTF8" if smtputf8 else ""
+    marks = upstream_marks(matrix.rig.upstream)
     assert client.command(f"MAIL FROM:{path}{suffix}") == "250 2.1.0 Sender OK"
-    assert matrix.rig.upstream.handler.mail_commands[-1][0] == forwarded
-    assert_upstream_saw_only_allowed(matrix.rig.upstream)
+    assert upstream_addresses(matrix.rig.upstream, marks) == [("MAIL", forwarded)]
 
 
 @pytest.mark.parametrize("path,smtputf8,forwarded", [
@@ -454,9 +456,9 @@ def test_allowed_recipient_spelling_reaches_upstream_in_the_checked_form(
     assert client.command("RSET") == "250 2.0.0 OK"
     suffix = " SMTPUTF8" if smtputf8 else ""
     assert client.command(f"MAIL FROM:<{SENDER}>{suffix}") == "250 2.1.0 Sender OK"
+    marks = upstream_marks(matrix.rig.upstream)
     assert client.command(f"RCPT TO:{path}") == "250 2.1.5 Recipient OK"
-    assert matrix.rig.upstream.handler.rcpt_commands[-1] == forwarded
-    assert_upstream_saw_only_allowed(matrix.rig.upstream)
+    assert upstream_addresses(matrix.rig.upstream, marks) == [("RCPT", forwarded)]
 
 
 def test_after_the_whole_matrix_upstream_saw_only_allowed_addresses_and_session_works(
@@ -492,9 +494,10 @@ ENDINGS = [
     pytest.param(b"\r\n.\n", BARE_LINE_ENDING, id="CRLF.LF"),
     pytest.param(b"\r\n.\r", BARE_LINE_ENDING, id="CRLF.CR"),
     pytest.param(b"\n.\r", BARE_LINE_ENDING, id="LF.CR"),
-    # No bare CR or LF here: a line holding NUL and a dot is message text, so the
-    # message (with the "smuggled" lines as its body) goes upstream as one message.
-    pytest.param(b"\r\n\x00.\r\n", "250 2.0.0 Ok: queued as", id="CRLF-NUL-dot-CRLF"),
+    # No bare CR or LF here, but a "<NUL>." line ends the data at an MTA that strips
+    # NULs: the relay refuses NUL in the data too.
+    pytest.param(b"\r\n\x00.\r\n", "550 5.6.0 Message refused: NUL",
+                 id="CRLF-NUL-dot-CRLF"),
 ]
 
 
@@ -535,7 +538,7 @@ def test_smuggled_transaction_never_reaches_upstream(rig, raw_client, ending, ve
     assert [address for address, _ in handler.mail_commands] == [SENDER]
     assert handler.rcpt_commands == [RECIPIENT]
     assert "smuggled@example.com" not in handler.rcpt_commands
-    assert len(rig.upstream.messages) <= 1
+    assert len(rig.upstream.messages) == (1 if verdict.startswith("250") else 0)
     for received in rig.upstream.messages:
         assert received.rcpt_tos == [RECIPIENT]
         assert received.content.endswith(b"\r\nsmuggled\r\n")  # inside the one message
@@ -626,7 +629,8 @@ def test_commands_injected_with_starttls_do_not_run_inside_tls(tls_relay, raw_cl
 
 
 def test_plaintext_sent_after_the_starttls_reply_is_never_executed(tls_relay,
-                                                                   raw_client):
+                                                                   raw_client,
+                                                                   server_cert):
     # A client (or MITM) that keeps talking plaintext after 220: those bytes are the
     # TLS handshake now, so the handshake fails and nothing runs.
     client = raw_client(tls_relay.relay.port)
@@ -638,7 +642,12 @@ def test_plaintext_sent_after_the_starttls_reply_is_never_executed(tls_relay,
     assert not re.search(rb"(^|\n)[0-9]{3}[ -]", client.buffer), client.buffer
     assert tls_relay.upstream.handler.mail_commands == []
     assert tls_relay.upstream.handler.rcpt_commands == []
-    assert tls_relay.relay.process.poll() is None
+    # The relay carries on: a proper client still delivers over TLS.
+    with smtplib.SMTP("127.0.0.1", tls_relay.relay.port, timeout=20) as other:
+        other.starttls(context=ssl.create_default_context(cafile=str(server_cert[2])))
+        other.login(USER, PASSWORD)
+        assert other.sendmail(SENDER, [RECIPIENT], message("tls-after")) == {}
+    assert subjects(tls_relay.upstream) == [b"tls-after"]
 
 
 def test_auth_and_mail_before_starttls_are_refused_and_no_state_survives_it(
@@ -667,10 +676,6 @@ def test_auth_and_mail_before_starttls_are_refused_and_no_state_survives_it(
     assert b" with ESMTPSA id " in received.content
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: STARTTLS inside an established TLS session is answered '220 Ready to start "
-    "TLS' (aiosmtpd does not check), the nested handshake fails, the relay logs "
-    "'ERROR unexpected error' with a traceback and drops the connection"))
 def test_second_starttls_inside_tls_is_refused_and_session_continues(
         tls_relay, raw_client, server_cert):
     client = raw_client(tls_relay.relay.port)
@@ -684,10 +689,6 @@ def test_second_starttls_inside_tls_is_refused_and_session_continues(
     assert_relay_healthy(tls_relay.relay)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a client that gives up on the STARTTLS handshake (closes after 220, e.g. "
-    "because it rejects the certificate, or speaks plaintext) is logged as 'ERROR "
-    "unexpected error' with a full traceback: anyone can flood the error log"))
 def test_abandoned_starttls_handshake_is_not_logged_as_an_internal_error(
         tls_relay, raw_client):
     client = raw_client(tls_relay.relay.port)
@@ -1067,11 +1068,6 @@ def test_client_that_never_reads_does_not_block_other_clients(rig):
     assert_relay_healthy(rig.relay)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a client that sends commands but never reads the replies keeps its "
-    "connection slot forever: at TIMEOUT the relay logs idle-timeout and calls "
-    "transport.close(), which waits for the unsendable write buffer to drain, so "
-    "connection_lost never runs; MAX_CONNECTIONS such clients lock everyone out"))
 def test_client_that_never_reads_loses_its_slot_at_idle_timeout(start_relay, upstream):
     relay = start_relay(upstream, MAX_CONNECTIONS="1", TIMEOUT="2")
     flooder = open_served(relay.port)

@@ -578,11 +578,12 @@ class _LogHandler(logging.Handler):
             self.reopen()
 
     def reopen(self) -> None:
+        """Open the file anew (first, so a failure keeps the old one in use)."""
+        new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         with self.lock:
-            if self.file is not None:
-                self.file.close()
-            self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            self.size = self.file.tell()
+            old, self.file, self.size = self.file, new, new.tell()
+        if old is not None:
+            old.close()
 
     def _rotate(self) -> None:
         self.file.close()
@@ -751,7 +752,7 @@ def parse_users_file(text: str, config: Config) -> dict[str, User]:
             raise ConfigError(f"{where}: expects a bcrypt hash ($2b$ or $2y$) after "
                               f"the name (python smtp_relay.py hash-password)")
         rate = rate.strip()
-        if rate and not rate.isdigit():
+        if rate and not (rate.isascii() and rate.isdigit()):
             raise ConfigError(f"{where}: expects a whole number of messages per minute")
         policy = UserPolicy(
             name,
@@ -2522,10 +2523,13 @@ class UpstreamCheck:
             else:
                 self.smtp = smtplib.SMTP(timeout=config.timeout,
                                          local_hostname=config.smtp_hostname)
+            # smtplib checks the certificate against _host, which only its constructor
+            # sets: connect() alone would leave it empty.
+            self.smtp._host = config.relay_host
             code, text = self.smtp.connect(config.relay_host, config.relay_port)
         except ssl.SSLCertVerificationError as error:
             return self.say("TLS", False, _describe(error), self._certificate_fix(error))
-        except (ssl.SSLError, smtplib.SMTPException, OSError) as error:
+        except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
             fix = ("this port does not speak TLS first: use RELAY_USE_TLS=true and "
                    "RELAY_USE_SSL=false (STARTTLS, usually port 587)"
                    if config.relay_use_ssl else
@@ -2560,7 +2564,7 @@ class UpstreamCheck:
         except ssl.SSLCertVerificationError as error:
             return self.say("STARTTLS", False, _describe(error),
                             self._certificate_fix(error))
-        except (ssl.SSLError, smtplib.SMTPException, OSError) as error:
+        except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
             return self.say("STARTTLS", False, _describe(error), "")
         certificate = self.smtp.sock.getpeercert() or {}
         subject = dict(item[0] for item in certificate.get("subject", ()))

@@ -655,7 +655,7 @@ EIGHT_BIT_CONTENT = b"\r\n".join([
     b"Content-Transfer-Encoding: 8bit",
     b"",
     bytes(range(0x80, 0x100)),
-    bytes(b for b in range(0x80) if b not in (0x0a, 0x0d)),
+    bytes(b for b in range(0x80) if b not in (0x00, 0x0a, 0x0d)),  # NUL is refused
     "UTF-8: Grüße, 日本語, emoji \U0001f600".encode(),
     b"Latin-1: Gr\xfc\xdfe \xff\xfe",
     b".",

@@ -2083,6 +2083,12 @@ class _RelaySMTP(SMTP):
             self._hang_up(b"421 4.3.2 Service shutting down\r\n")
 
 
+def cannot_listen(variables: str, host: str, port: int, error: OSError) -> ConfigError:
+    return ConfigError(f"{variables}: cannot listen on {host}:{port} "
+                       f"({error.strerror or error}): expects a free port on a local "
+                       "address")
+
+
 class _TooManyConnections(asyncio.Protocol):
     """Answers one connection over MAX_CONNECTIONS and hangs up."""
 
@@ -2190,9 +2196,7 @@ class SMTPRelayServer:
                 factory, host, port, reuse_address=True,
                 backlog=max(100, self.config.max_connections), **options))
         except OSError as error:
-            raise ConfigError(f"LISTEN_HOST/{name}: cannot listen on {host}:{port} "
-                              f"({error.strerror or error}): expects a free port on a "
-                              "local address") from None
+            raise cannot_listen(f"LISTEN_HOST/{name}", host, port, error) from None
 
     @property
     def port(self) -> int:
@@ -2296,9 +2300,8 @@ class HTTPEndpoint:
                 self._serve, config.http_host, config.http_port, reuse_address=True,
                 limit=self.MAX_REQUEST)
         except OSError as error:
-            raise ConfigError(f"HTTP_HOST/HTTP_PORT: cannot listen on {config.http_host}:"
-                              f"{config.http_port} ({error.strerror or error}): expects "
-                              "a free port on a local address") from None
+            raise cannot_listen("HTTP_HOST/HTTP_PORT", config.http_host,
+                                config.http_port, error) from None
 
     @property
     def port(self) -> int:

@@ -337,6 +337,34 @@ def start_relay(tmp_path):
         relay.stop(signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def module_upstream_server():
+    """One upstream for a whole test module (see module_upstream)."""
+    server = Upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def module_upstream(module_upstream_server) -> Upstream:
+    """The module's upstream, emptied for this test."""
+    module_upstream_server.handler.reset()
+    return module_upstream_server
+
+
+def start_module_relay(tmp_path_factory, upstream: Upstream | None, name: str,
+                       **overrides: str) -> RelayProcess:
+    """A relay for a module-scoped fixture (the caller stops it)."""
+    workdir = tmp_path_factory.mktemp(name)
+    relay = RelayProcess(workdir, relay_env(workdir, upstream, **overrides))
+    try:
+        relay.wait_ready()
+    except AssertionError:
+        relay.stop(signal.SIGKILL)
+        raise
+    return relay
+
+
 @pytest.fixture
 def relay(start_relay, upstream) -> RelayProcess:
     """The relay with the default test settings, in front of `upstream`."""

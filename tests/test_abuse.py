@@ -38,10 +38,10 @@ from conftest import (
     USER,
     RawClient,
     RelayProcess,
-    Upstream,
     free_port,
     message,
     relay_env,
+    start_module_relay,
 )
 
 import smtp_relay
@@ -160,34 +160,9 @@ def make_hash(password: str = PASSWORD, prefix: str = "$2b$") -> str:
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def module_upstream_server():
-    server = Upstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def module_upstream(module_upstream_server) -> Upstream:
-    """The module's upstream, emptied for this test."""
-    module_upstream_server.handler.reset()
-    return module_upstream_server
-
-
-def _module_relay(tmp_path_factory, upstream: Upstream, name: str, **overrides):
-    workdir = tmp_path_factory.mktemp(name)
-    relay = RelayProcess(workdir, relay_env(workdir, upstream, **overrides))
-    try:
-        relay.wait_ready()
-    except AssertionError:
-        relay.stop(signal.SIGKILL)
-        raise
-    return relay
-
-
-@pytest.fixture(scope="module")
 def default_relay(tmp_path_factory, module_upstream_server):
     """The relay with conftest's default settings: no abuse option switched on."""
-    relay = _module_relay(tmp_path_factory, module_upstream_server, "default-relay")
+    relay = start_module_relay(tmp_path_factory, module_upstream_server, "default-relay")
     yield relay
     relay.stop(signal.SIGKILL)
 
@@ -195,7 +170,7 @@ def default_relay(tmp_path_factory, module_upstream_server):
 @pytest.fixture(scope="module")
 def checking_relay(tmp_path_factory, module_upstream_server):
     """MAX_HOPS=3 and CHECK_HEADER_FROM on, subdomains of example.net allowed."""
-    relay = _module_relay(tmp_path_factory, module_upstream_server, "checking-relay",
+    relay = start_module_relay(tmp_path_factory, module_upstream_server, "checking-relay",
                           MAX_HOPS="3", CHECK_HEADER_FROM="true",
                           ALLOWED_FROM_DOMAINS="example.com,*.example.net")
     yield relay

@@ -51,6 +51,7 @@ from conftest import (
     free_port,
     message,
     relay_env,
+    start_module_relay,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -290,34 +291,9 @@ def hashes() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def module_upstream_server():
-    server = Upstream()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def module_upstream(module_upstream_server) -> Upstream:
-    """The module's upstream, emptied for this test."""
-    module_upstream_server.handler.reset()
-    return module_upstream_server
-
-
-def _module_relay(tmp_path_factory, upstream: Upstream, name: str, **overrides):
-    workdir = tmp_path_factory.mktemp(name)
-    relay = RelayProcess(workdir, relay_env(workdir, upstream, **overrides))
-    try:
-        relay.wait_ready()
-    except AssertionError:
-        relay.stop(signal.SIGKILL)
-        raise
-    return relay
-
-
-@pytest.fixture(scope="module")
 def default_relay(tmp_path_factory, module_upstream_server):
     """conftest's default settings: no HTTP_PORT."""
-    relay = _module_relay(tmp_path_factory, module_upstream_server, "default-relay")
+    relay = start_module_relay(tmp_path_factory, module_upstream_server, "default-relay")
     yield relay
     relay.stop(signal.SIGKILL)
 
@@ -325,7 +301,7 @@ def default_relay(tmp_path_factory, module_upstream_server):
 @pytest.fixture(scope="module")
 def http_relay(tmp_path_factory, module_upstream_server):
     """The defaults plus the HTTP endpoint."""
-    relay = _module_relay(tmp_path_factory, module_upstream_server, "http-relay",
+    relay = start_module_relay(tmp_path_factory, module_upstream_server, "http-relay",
                           **http_settings())
     yield relay
     relay.stop(signal.SIGKILL)
@@ -801,7 +777,7 @@ def users_relay(tmp_path_factory, module_upstream_server, hashes):
         "   " + user_line(hashes, "carol"),
         user_line(hashes, "dave", "", "", "1"),
     ]) + "\n")
-    relay = _module_relay(tmp_path_factory, module_upstream_server, "users-relay",
+    relay = start_module_relay(tmp_path_factory, module_upstream_server, "users-relay",
                           SMTP_USERS_FILE=str(users), AUTH_FAILURE_DELAY="0",
                           AUTH_MAX_FAILURES="0", **http_settings())
     yield relay

@@ -365,6 +365,29 @@ def start_module_relay(tmp_path_factory, upstream: Upstream | None, name: str,
     return relay
 
 
+def exit_of_each(runs: dict[str, tuple[Path, dict]]) -> dict[str, tuple[int | None, str]]:
+    """Start `python smtp_relay.py` once per case ({id: (workdir, env)}), all side by
+    side, and return {id: (exit status, stderr)}; the status is None when the relay was
+    still running after 20 s (it accepted its settings)."""
+    processes = {
+        case_id: subprocess.Popen(
+            [sys.executable, str(SMTP_RELAY)], cwd=workdir, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
+        for case_id, (workdir, env) in runs.items()}
+    results = {}
+    for case_id, process in processes.items():
+        try:
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            results[case_id] = (None, stderr)
+            continue
+        results[case_id] = (process.returncode, stderr)
+    return results
+
+
 @pytest.fixture
 def relay(start_relay, upstream) -> RelayProcess:
     """The relay with the default test settings, in front of `upstream`."""

@@ -38,6 +38,7 @@ from conftest import (
     USER,
     RawClient,
     RelayProcess,
+    exit_of_each,
     free_port,
     message,
     relay_env,
@@ -781,28 +782,15 @@ def refusals(tmp_path_factory) -> dict[str, tuple[int | None, str]]:
     secret_file = directory / "secret"
     secret_file.write_text("from-a-file\n")
     fill = {"{hash}": make_hash(), "{file}": str(secret_file)}
-    processes = {}
+    runs = {}
     for case_id, settings, _ in REFUSALS:
         workdir = directory / case_id
         workdir.mkdir()
         values = {name: fill.get(value, value) for name, value in settings.items()}
         values = {name: str(free_port()) if value == "{port}" else value
                   for name, value in values.items()}
-        processes[case_id] = subprocess.Popen(
-            [sys.executable, str(SMTP_RELAY)], cwd=workdir,
-            env=relay_env(workdir, None, **values), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = {}
-    for case_id, process in processes.items():
-        try:
-            _, stderr = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:  # it started: the setting was accepted
-            process.kill()
-            _, stderr = process.communicate()
-            results[case_id] = (None, stderr)
-            continue
-        results[case_id] = (process.returncode, stderr)
-    return results
+        runs[case_id] = (workdir, relay_env(workdir, None, **values))
+    return exit_of_each(runs)
 
 
 @pytest.mark.parametrize(("case_id", "variables"),

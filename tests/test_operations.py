@@ -48,6 +48,7 @@ from conftest import (
     RawClient,
     RelayProcess,
     Upstream,
+    exit_of_each,
     free_port,
     message,
     relay_env,
@@ -914,7 +915,7 @@ STARTUP_REFUSALS = [
 def startup_refusals(tmp_path_factory, hashes) -> dict[str, tuple[int | None, str]]:
     """Every STARTUP_REFUSALS case started at once: {id: (exit status, stderr)}."""
     directory = tmp_path_factory.mktemp("refusals")
-    processes = {}
+    runs = {}
     for case in STARTUP_REFUSALS:
         case_id, lines, settings, _ = case_values(case)
         workdir = directory / case_id
@@ -928,21 +929,8 @@ def startup_refusals(tmp_path_factory, hashes) -> dict[str, tuple[int | None, st
                                         *(line.format(**hashes) for line in lines)])
                              + "\n")
             settings["SMTP_USERS_FILE"] = str(users)
-        processes[case_id] = subprocess.Popen(
-            [sys.executable, str(SMTP_RELAY)], cwd=workdir,
-            env=relay_env(workdir, None, **settings), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = {}
-    for case_id, process in processes.items():
-        try:
-            _, stderr = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:  # it started: the setting was accepted
-            process.kill()
-            _, stderr = process.communicate()
-            results[case_id] = (None, stderr)
-            continue
-        results[case_id] = (process.returncode, stderr)
-    return results
+        runs[case_id] = (workdir, relay_env(workdir, None, **settings))
+    return exit_of_each(runs)
 
 
 @pytest.mark.parametrize(("case_id", "lines", "settings", "named"), STARTUP_REFUSALS,

@@ -1451,9 +1451,10 @@ _MAIL_PARAMETER_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "sm
 class Transaction:
     """The upstream half of one client transaction: MAIL .. RCPT* .. DATA."""
 
-    def __init__(self, connection: UpstreamConnection, declared_8bit: bool):
+    def __init__(self, connection: UpstreamConnection, declared_8bit_unsupported: bool):
         self.connection = connection
-        self.declared_8bit_unsupported = declared_8bit  # BODY=8BITMIME the upstream lacks
+        # BODY=8BITMIME declared, and the upstream lacks 8BITMIME
+        self.declared_8bit_unsupported = declared_8bit_unsupported
         self.pending: asyncio.Future | None = None  # the upstream call in a thread
         self.broken = False  # the upstream link died mid-transaction
 
@@ -1501,7 +1502,8 @@ class Forwarder:
             finally:
                 session.busy = False
                 session.active_at = time.monotonic()
-            session.transaction = Transaction(connection, False)
+            session.transaction = Transaction(
+                connection, declared_8bit and not connection.has("8bitmime"))
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
                 return ("555 5.6.7 The upstream does not support SMTPUTF8: send this "
@@ -1512,8 +1514,6 @@ class Forwarder:
             upstream_options = [
                 option for option in options
                 if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
-            session.transaction.declared_8bit_unsupported = (
-                declared_8bit and not connection.has("8bitmime"))
             argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
             try:
                 code, text = await self._call(session, connection.command, "MAIL",
@@ -2115,7 +2115,6 @@ class SMTPRelayServer:
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
         self.connections: set[_RelaySMTP] = set()
-        self.refused_connections = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._smtp_options = {
             "hostname": config.smtp_hostname,
@@ -2142,7 +2141,6 @@ class SMTPRelayServer:
 
     def _make_protocol(self, implicit_tls: bool = False) -> asyncio.Protocol:
         if len(self.connections) >= self.config.max_connections:
-            self.refused_connections += 1
             self.metrics.connections_refused.labels("max_connections").inc()
             log_event(logging.WARNING, "connection-refused",
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
@@ -2476,6 +2474,8 @@ class UpstreamCheck:
         self.config = config
         self.out = out
         self.smtp: smtplib.SMTP | None = None
+        self.tls_context = (upstream_tls_context(config) if config.relay_use_tls
+                            or config.relay_use_ssl else None)
 
     def say(self, step: str, ok: bool, detail: str, fix: str = "") -> bool:
         self.out.write(f"{'ok  ' if ok else 'FAIL'} {step:<10} {detail}\n")
@@ -2517,11 +2517,9 @@ class UpstreamCheck:
 
     def banner(self) -> bool:
         config = self.config
-        context = upstream_tls_context(config) if (config.relay_use_tls
-                                                   or config.relay_use_ssl) else None
         try:
             if config.relay_use_ssl:
-                self.smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=context,
+                self.smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=self.tls_context,
                                              local_hostname=config.smtp_hostname)
             else:
                 self.smtp = smtplib.SMTP(timeout=config.timeout,
@@ -2563,7 +2561,7 @@ class UpstreamCheck:
                             "use the provider's submission port (587), or "
                             "RELAY_USE_SSL=true on 465")
         try:
-            self.smtp.starttls(context=upstream_tls_context(self.config))
+            self.smtp.starttls(context=self.tls_context)
         except ssl.SSLCertVerificationError as error:
             return self.say("STARTTLS", False, _describe(error),
                             self._certificate_fix(error))

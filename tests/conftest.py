@@ -365,26 +365,27 @@ def start_module_relay(tmp_path_factory, upstream: Upstream | None, name: str,
     return relay
 
 
-def exit_of_each(runs: dict[str, tuple[Path, dict]]) -> dict[str, tuple[int | None, str]]:
-    """Start `python smtp_relay.py` once per case ({id: (workdir, env)}), all side by
-    side, and return {id: (exit status, stderr)}; the status is None when the relay was
-    still running after 20 s (it accepted its settings)."""
+def exit_of_each(runs: dict[str, tuple[Path, dict]], args: tuple[str, ...] = (),
+                 timeout: float = 20) -> dict[str, tuple[int | None, str, str]]:
+    """Run `python smtp_relay.py *args` once per case ({id: (workdir, env)}), all side
+    by side, and return {id: (exit status, stdout, stderr)}; the status is None when it
+    was still running after `timeout` (a relay that accepted its settings)."""
     processes = {
         case_id: subprocess.Popen(
-            [sys.executable, str(SMTP_RELAY)], cwd=workdir, env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [sys.executable, str(SMTP_RELAY), *args], cwd=workdir, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         for case_id, (workdir, env) in runs.items()}
     results = {}
     for case_id, process in processes.items():
         try:
-            _, stderr = process.communicate(timeout=20)
+            stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
-            _, stderr = process.communicate()
-            results[case_id] = (None, stderr)
+            stdout, stderr = process.communicate()
+            results[case_id] = (None, stdout, stderr)
             continue
-        results[case_id] = (process.returncode, stderr)
+        results[case_id] = (process.returncode, stdout, stderr)
     return results
 
 

@@ -172,8 +172,8 @@ def default_relay(tmp_path_factory, module_upstream_server):
 def checking_relay(tmp_path_factory, module_upstream_server):
     """MAX_HOPS=3 and CHECK_HEADER_FROM on, subdomains of example.net allowed."""
     relay = start_module_relay(tmp_path_factory, module_upstream_server, "checking-relay",
-                          MAX_HOPS="3", CHECK_HEADER_FROM="true",
-                          ALLOWED_FROM_DOMAINS="example.com,*.example.net")
+                               MAX_HOPS="3", CHECK_HEADER_FROM="true",
+                               ALLOWED_FROM_DOMAINS="example.com,*.example.net")
     yield relay
     relay.stop(signal.SIGKILL)
 
@@ -797,7 +797,7 @@ def refusals(tmp_path_factory) -> dict[str, tuple[int | None, str]]:
                          [(case_id, variables) for case_id, _, variables in REFUSALS],
                          ids=[case_id for case_id, _, _ in REFUSALS])
 def test_program_refuses_setting(refusals, case_id, variables):
-    returncode, stderr = refusals[case_id]
+    returncode, _, stderr = refusals[case_id]
     assert returncode == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr

@@ -29,8 +29,6 @@ import signal
 import smtplib
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -41,7 +39,6 @@ import prometheus_client
 import pytest
 from conftest import (
     PASSWORD,
-    SMTP_RELAY,
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
     USER,
@@ -303,7 +300,7 @@ def default_relay(tmp_path_factory, module_upstream_server):
 def http_relay(tmp_path_factory, module_upstream_server):
     """The defaults plus the HTTP endpoint."""
     relay = start_module_relay(tmp_path_factory, module_upstream_server, "http-relay",
-                          **http_settings())
+                               **http_settings())
     yield relay
     relay.stop(signal.SIGKILL)
 
@@ -647,22 +644,12 @@ def check_runs(tmp_path_factory, ca, server_cert, hashes):
         "broken-users-file": (plain, {"SMTP_USERS_FILE": str(broken_users)}),
     }
     try:
-        processes = {}
+        runs = {}
         for case, (upstream, settings) in cases.items():
             workdir = directory / case
             workdir.mkdir()
-            processes[case] = subprocess.Popen(
-                [sys.executable, str(SMTP_RELAY), "check"], cwd=workdir,
-                env=relay_env(workdir, upstream, **settings), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        results = {}
-        for case, process in processes.items():
-            try:
-                stdout, stderr = process.communicate(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
-            results[case] = (process.returncode, stdout, stderr)
+            runs[case] = (workdir, relay_env(workdir, upstream, **settings))
+        results = exit_of_each(runs, args=("check",), timeout=40)
     finally:
         for server in (plain, starttls, mismatched):
             server.stop()
@@ -779,8 +766,8 @@ def users_relay(tmp_path_factory, module_upstream_server, hashes):
         user_line(hashes, "dave", "", "", "1"),
     ]) + "\n")
     relay = start_module_relay(tmp_path_factory, module_upstream_server, "users-relay",
-                          SMTP_USERS_FILE=str(users), AUTH_FAILURE_DELAY="0",
-                          AUTH_MAX_FAILURES="0", **http_settings())
+                               SMTP_USERS_FILE=str(users), AUTH_FAILURE_DELAY="0",
+                               AUTH_MAX_FAILURES="0", **http_settings())
     yield relay
     relay.stop(signal.SIGKILL)
 
@@ -937,7 +924,7 @@ def startup_refusals(tmp_path_factory, hashes) -> dict[str, tuple[int | None, st
                          ids=[case_values(case)[0] for case in STARTUP_REFUSALS])
 def test_program_refuses_users_file_or_log_format(startup_refusals, case_id, lines,
                                                   settings, named):
-    returncode, stderr = startup_refusals[case_id]
+    returncode, _, stderr = startup_refusals[case_id]
     assert returncode == 2, stderr
     error_lines = stderr.strip().splitlines()
     assert len(error_lines) == 1, stderr

@@ -5,7 +5,11 @@ The behaviours themselves are tested end to end elsewhere; here only the contrac
 aiosmtpd's internals is pinned.
 """
 
+import asyncio
+import collections
+import gc
 import inspect
+import weakref
 
 import aiosmtpd
 from aiosmtpd.smtp import SMTP, Session
@@ -78,3 +82,100 @@ def test_handler_hook_return_contract():
 def test_login_data_property_still_warns():
     # RelaySession shadows this deprecated property to keep the log clean.
     assert isinstance(inspect.getattr_static(Session, "login_data"), property)
+
+
+# _RelaySMTP builds a connection's protocol from what aiosmtpd's SMTP.__init__ worked out
+# for the first one (its introspection costs ~230 us per connection).
+
+def _relay_server(tmp_path):
+    config = smtp_relay.load_config({
+        "SMTP_AUTH_USERNAME": "user", "SMTP_AUTH_PASSWORD": "pw-0123456789",
+        "ALLOWED_FROM_DOMAINS": "example.com", "ALLOWED_TO_DOMAINS": "example.com",
+        "RELAY_HOST": "127.0.0.1", "LOG_FILE": str(tmp_path / "relay.log"),
+        "AUTH_MECHANISMS": "PLAIN,LOGIN,CRAM-MD5"})
+    return smtp_relay.SMTPRelayServer(config)
+
+
+def _same_attribute(name, first, second, a, b):
+    """Attribute `name` of protocol `a` (built by SMTP.__init__) and of `b` agree."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), name
+        for key in a:
+            _same_attribute(f"{name}[{key!r}]", first, second, a[key], b[key])
+    elif isinstance(a, tuple) and hasattr(a, "_fields"):  # aiosmtpd's _AuthMechAttr
+        assert type(a) is type(b), name
+        for field, x, y in zip(a._fields, a, b):
+            _same_attribute(f"{name}.{field}", first, second, x, y)
+    elif inspect.ismethod(a) and a.__self__ is first:
+        assert inspect.ismethod(b) and b.__self__ is second, name
+        assert b.__func__ is a.__func__, name
+    elif a is None or isinstance(a, (bool, int, float, str)):
+        assert a == b and type(a) is type(b), name
+    else:
+        assert type(a) is type(b), name
+
+
+def test_protocols_after_the_first_skip_aiosmtpd_introspection(tmp_path, monkeypatch):
+    async def build():
+        server = _relay_server(tmp_path)
+        try:
+            first = server._make_protocol()
+            calls = []
+            for name in ("getmembers", "signature"):
+                original = getattr(inspect, name)
+                monkeypatch.setattr(inspect, name, lambda *a, _f=original, _n=name, **k:
+                                    calls.append(_n) or _f(*a, **k))
+            server._make_protocol()
+            return first, calls
+        finally:
+            await server.forwarder.close()
+    first, calls = asyncio.run(build())
+    assert isinstance(first, smtp_relay._RelaySMTP)
+    assert calls == []
+
+
+def test_protocol_from_the_template_matches_aiosmtpd_init(tmp_path):
+    # Every attribute SMTP.__init__ sets, with the same value; methods bound to the
+    # protocol itself bound to the new one; per-connection objects (the stream reader,
+    # futures, queues) new, not shared.
+    async def build():
+        server = _relay_server(tmp_path)
+        try:
+            return server._make_protocol(), server._make_protocol()
+        finally:
+            await server.forwarder.close()
+    first, second = asyncio.run(build())
+    assert vars(first).keys() == vars(second).keys()
+    assert "_auth_methods" in vars(first) and "CRAM-MD5" in first._auth_methods
+    for name, value in vars(first).items():
+        other = vars(second)[name]
+        _same_attribute(name, first, second, value, other)
+        if isinstance(value, (asyncio.Future, collections.deque, weakref.ref)) or (
+                name == "_strong_reader"):
+            assert other is not value, name
+    assert second._stream_reader is not first._stream_reader
+    assert second._smtp_methods["DATA"].__func__ is smtp_relay._RelaySMTP.smtp_DATA
+
+
+def test_the_template_does_not_keep_the_first_connection_alive(tmp_path):
+    async def build():
+        server = _relay_server(tmp_path)
+        try:
+            first = weakref.ref(server._make_protocol())
+            gc.collect()
+            return first, server.protocol_templates
+        finally:
+            await server.forwarder.close()
+    first, templates = asyncio.run(build())
+    assert templates and first() is None
+
+
+def test_what_the_template_copies_is_fixed_by_the_options():
+    # The template copies what SMTP.__init__ derives from its arguments and the classes;
+    # it replays the one side effect (the class-wide command_size_limits reset).
+    source = inspect.getsource(SMTP.__init__)
+    assert "self.command_size_limits.clear()" in source
+    assert source.count("inspect.") == 2 and source.count("dir(") == 2
+    assert "super().__init__(\n            asyncio.StreamReader(loop=self.loop, " \
+        "limit=self.line_length_limit),\n            client_connected_cb=" \
+        "self._cb_client_connected,\n            loop=self.loop)" in source

@@ -1925,6 +1925,21 @@ class _RelaySMTP(SMTP):
     def encrypted(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
 
+    _unsent = b""  # the first lines of a multi-line reply
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd pushes a multi-line reply (EHLO's) a line at a time: a write, a TCP
+        # segment and a wake-up for the client each. Hold each "250-" line and send
+        # the reply with its last line, in one write.
+        reply = status if isinstance(status, bytes) else status.encode(
+            "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        if reply[3:4] == b"-":
+            self._unsent += reply + b"\r\n"
+            return
+        if self._unsent:
+            reply, self._unsent = self._unsent + reply, b""
+        await super().push(reply)
+
     async def _handle_client(self) -> None:
         # The connection checker: before the greeting, refuse clients from outside
         # ALLOWED_CLIENT_NETWORKS and addresses locked out for guessing passwords.

@@ -179,3 +179,13 @@ def test_what_the_template_copies_is_fixed_by_the_options():
     assert "super().__init__(\n            asyncio.StreamReader(loop=self.loop, " \
         "limit=self.line_length_limit),\n            client_connected_cb=" \
         "self._cb_client_connected,\n            loop=self.loop)" in source
+
+
+def test_push_contract():
+    # _RelaySMTP.push hands aiosmtpd's push bytes (whole replies, several lines joined
+    # by CRLF) and encodes str as aiosmtpd does; EHLO's lines come one push each.
+    push = inspect.getsource(SMTP.push)
+    assert "status, 'utf-8' if self.enable_SMTPUTF8 else 'ascii')" in push
+    assert 'self._writer.write(response + b"\\r\\n")' in push
+    assert "for r in response:\n            await self.push(r)" in inspect.getsource(
+        SMTP.smtp_EHLO)

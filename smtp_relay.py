@@ -2036,6 +2036,9 @@ class _RelaySMTP(SMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         if duration is None and self.session is not None:  # aiosmtpd: a valid command
             self.session.active_at = time.monotonic()
+            handle = self._timeout_handle
+            if handle is not None and not handle.cancelled():
+                return  # _timeout_cb counts from active_at, and re-arms when early
         super()._reset_timeout(duration)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:

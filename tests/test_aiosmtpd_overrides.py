@@ -36,6 +36,9 @@ def test_timeout_callback_contract():
     assert list(inspect.signature(SMTP._reset_timeout).parameters) == ["self", "duration"]
     assert "self._reset_timeout()" in inspect.getsource(SMTP._handle_client)
     assert "self._timeout_cb" in inspect.getsource(SMTP._reset_timeout)
+    # ...and it keeps the one timer in _timeout_handle (_RelaySMTP reuses it).
+    assert "self._timeout_handle = self.loop.call_later(" in inspect.getsource(
+        SMTP._reset_timeout)
     assert "_timeout_duration" in inspect.getsource(SMTP.__init__)
 
 

@@ -52,3 +52,81 @@ def test_ehlo_reply_is_one_write(relay, raw_client):
     assert len(lines) >= 6 and lines[-1].startswith("250 ")
     assert "250-PIPELINING" in lines and "250 HELP" in lines
     assert segments == 1
+
+
+def in_process_config(tmp_path, **overrides: str):
+    import smtp_relay
+    return smtp_relay.load_config({
+        "SMTP_AUTH_USERNAME": "user", "SMTP_AUTH_PASSWORD": "pw-0123456789",
+        "ALLOWED_FROM_DOMAINS": "example.com", "ALLOWED_TO_DOMAINS": "example.com",
+        "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": "0", "RELAY_HOST": "127.0.0.1",
+        "LOG_FILE": str(tmp_path / "relay.log"), **overrides})
+
+
+def test_commands_do_not_each_make_a_timer(tmp_path):
+    # The idle timer counts from the last command (session.active_at) and re-arms
+    # itself when it fires early, so a command only moves that clock: one timer per
+    # connection, not a call_later and a cancel per command.
+    import asyncio
+
+    import smtp_relay
+
+    async def run() -> tuple[int, list[str]]:
+        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path))
+        await server.start()
+        loop = asyncio.get_running_loop()
+        timers = 0
+        call_later = loop.call_later
+
+        def counting(*args, **kwargs):
+            nonlocal timers
+            timers += 1
+            return call_later(*args, **kwargs)
+        loop.call_later = counting
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            replies = [(await reader.readline()).decode()]
+            writer.write(b"NOOP\r\n" * 20 + b"QUIT\r\n")
+            while line := await reader.readline():
+                replies.append(line.decode())
+            writer.close()
+            return timers, replies
+        finally:
+            loop.call_later = call_later
+            await server.stop()
+
+    timers, replies = asyncio.run(run())
+    assert replies[0].startswith("220") and replies[-1].startswith("221")
+    assert [r[:3] for r in replies[1:-1]] == ["250"] * 20
+    assert timers == 1
+
+
+def test_idle_client_is_still_told_and_dropped(tmp_path):
+    # ...and it still fires: TIMEOUT after the last command, not after the first.
+    import asyncio
+    import time
+
+    import smtp_relay
+
+    async def run() -> tuple[float, list[str]]:
+        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            replies = [(await reader.readline()).decode()]
+            for _ in range(3):  # 1.5 s of commands: past the first timer's deadline
+                await asyncio.sleep(0.5)
+                writer.write(b"NOOP\r\n")
+                replies.append((await reader.readline()).decode())
+            last = time.monotonic()
+            while line := await reader.readline():
+                replies.append(line.decode())
+            writer.close()
+            return time.monotonic() - last, replies
+        finally:
+            await server.stop()
+
+    idle, replies = asyncio.run(run())
+    assert [r[:3] for r in replies] == ["220", "250", "250", "250", "421"], replies
+    assert "Idle timeout" in replies[-1]
+    assert idle >= 0.9  # never before TIMEOUT of silence (no upper bound: loaded CI)

@@ -51,7 +51,7 @@ import ssl
 import sys
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import bcrypt
@@ -1900,6 +1900,20 @@ class _ProtocolTemplate:
         self.log.info(self.mechanisms)
 
 
+def _answered_in_groups(method: Callable[..., Awaitable[None]]
+                        ) -> Callable[..., Awaitable[None]]:
+    """aiosmtpd's smtp_ method for a command whose replies may wait for the rest of a
+    pipelined group (see _RelaySMTP.push)."""
+    @functools.wraps(method)  # and so the same HELP text
+    async def answer(self: _RelaySMTP, arg: str) -> None:
+        self._in_group = True
+        try:
+            await method(self, arg)
+        finally:
+            self._in_group = False
+    return answer
+
+
 class _RelaySMTP(SMTP):
     """aiosmtpd's protocol with the few changes a relay needs.
 
@@ -1925,20 +1939,29 @@ class _RelaySMTP(SMTP):
     def encrypted(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
 
-    _unsent = b""  # the first lines of a multi-line reply
+    _unsent = b""  # reply lines kept for the next write (see push)
+    _in_group = False  # answering RSET, MAIL or RCPT
 
     async def push(self, status: str | bytes) -> None:
-        # aiosmtpd pushes a multi-line reply (EHLO's) a line at a time: a write, a TCP
-        # segment and a wake-up for the client each. Hold each "250-" line and send
-        # the reply with its last line, in one write.
+        # Each write is a TCP segment and a wake-up for the client (and for us a
+        # system call, at which the upstream threads take the GIL). So:
+        # - a multi-line reply (EHLO's; aiosmtpd pushes it a line at a time) goes
+        #   out in one write, with its last line;
+        # - RFC 2920 3.2: the replies to RSET, MAIL and RCPT wait while the next
+        #   command of a pipelined group is already here, and go out with the next
+        #   reply (at the latest DATA's 354). Never while we wait for the client.
         reply = status if isinstance(status, bytes) else status.encode(
             "utf-8" if self.enable_SMTPUTF8 else "ascii")
-        if reply[3:4] == b"-":
+        if reply[3:4] == b"-" or (self._in_group and b"\n" in self._reader._buffer):
             self._unsent += reply + b"\r\n"
             return
         if self._unsent:
             reply, self._unsent = self._unsent + reply, b""
         await super().push(reply)
+
+    smtp_RSET = _answered_in_groups(SMTP.smtp_RSET)
+    smtp_MAIL = _answered_in_groups(SMTP.smtp_MAIL)
+    smtp_RCPT = _answered_in_groups(SMTP.smtp_RCPT)
 
     async def _handle_client(self) -> None:
         # The connection checker: before the greeting, refuse clients from outside
@@ -2127,7 +2150,8 @@ class _RelaySMTP(SMTP):
         transport = self.transport
         if transport is None:
             return
-        transport.write(reply)
+        transport.write(self._unsent + reply)
+        self._unsent = b""
         transport.close()
         if transport.get_write_buffer_size():
             transport.abort()

@@ -192,3 +192,16 @@ def test_push_contract():
     assert 'self._writer.write(response + b"\\r\\n")' in push
     assert "for r in response:\n            await self.push(r)" in inspect.getsource(
         SMTP.smtp_EHLO)
+
+
+def test_grouped_commands_keep_aiosmtpd_behaviour():
+    # smtp_RSET/MAIL/RCPT are aiosmtpd's own, wrapped (the HELP text copied); their
+    # replies go through push, and the next command line waits in _reader._buffer.
+    for name in ("smtp_RSET", "smtp_MAIL", "smtp_RCPT"):
+        ours, theirs = getattr(smtp_relay._RelaySMTP, name), getattr(SMTP, name)
+        assert ours.__wrapped__ is theirs
+        assert ours.__smtp_syntax__ == theirs.__smtp_syntax__
+        assert ours.__smtp_syntax_extended__ == theirs.__smtp_syntax_extended__
+        assert "self.transport.write" not in inspect.getsource(theirs)
+    assert "line: bytes = await self._reader.readuntil()" in inspect.getsource(
+        SMTP._handle_client)

@@ -130,3 +130,51 @@ def test_idle_client_is_still_told_and_dropped(tmp_path):
     assert [r[:3] for r in replies] == ["220", "250", "250", "250", "421"], replies
     assert "Idle timeout" in replies[-1]
     assert idle >= 0.9  # never before TIMEOUT of silence (no upper bound: loaded CI)
+
+
+# RFC 2920 3.2: a server may keep the replies to RSET, MAIL and RCPT while more of the
+# client's pipelined group is waiting to be read, and send them with the next reply;
+# it must never wait for the client with a reply unsent.
+
+def test_pipelined_group_is_answered_in_one_write(relay, raw_client):
+    client = raw_client(relay.port)
+    client.login()
+    replies, segments = segments_for(
+        client, b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n", 3)
+    assert [r[:3] for r in replies] == ["250", "250", "354"], replies
+    assert segments == 1
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert client.reply().startswith("250")
+
+
+def test_refusals_in_a_group_keep_their_order(relay, upstream, raw_client):
+    client = raw_client(relay.port)
+    client.login()
+    replies, segments = segments_for(
+        client, b"RSET\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.com>\r\n"
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@elsewhere.test>\r\n"
+        b"RCPT TO:<c@example.com>\r\nNOOP\r\n", 7)
+    assert [r[:3] for r in replies] == ["250", "553", "503", "250", "550", "250", "250"]
+    assert segments == 1
+    assert upstream.messages == []
+
+
+def test_a_reply_is_not_kept_from_a_client_that_waits(relay, raw_client):
+    # Nothing more is pipelined: each reply goes out at once.
+    client = raw_client(relay.port)
+    client.login()
+    for line in (b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"RSET"):
+        (reply,), segments = segments_for(client, line + b"\r\n", 1)
+        assert reply.startswith("250") and segments == 1
+
+
+def test_a_kept_reply_goes_out_before_a_hang_up(start_relay, upstream, raw_client):
+    # RSET's reply is kept while the pipelined AUTH is checked; the lock-out that
+    # AUTH causes hangs up, and the client still gets both replies, in order.
+    relay = start_relay(upstream, AUTH_MAX_FAILURES="1", AUTH_FAILURE_DELAY="0")
+    client = raw_client(relay.port)
+    assert client.command("EHLO client.test").startswith("250")
+    client.send(b"RSET\r\nAUTH PLAIN AHVzZXIAd3Jvbmc=\r\n")  # \0user\0wrong
+    assert client.reply().startswith("250")
+    assert client.reply().startswith("421 4.7.0")
+    assert client.closed()

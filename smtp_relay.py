@@ -1224,6 +1224,11 @@ def _reply_text(message: bytes | str) -> str:
     return _one_line(" ".join(message.split("\n"))).strip()[:400]
 
 
+def _final(code: int) -> bool:
+    """A completion reply (2xx, 4xx, 5xx) other than 421 (the upstream is closing)."""
+    return code != 421 and (200 <= code < 300 or 400 <= code < 600)
+
+
 class UpstreamConnection:
     """One authenticated session to the upstream. Every method blocks: threads only."""
 
@@ -1283,16 +1288,22 @@ class UpstreamConnection:
         code, message = self.smtp.docmd(verb, argument)
         return code, _reply_text(message)
 
-    def data(self, stuffed: bytes) -> Reply:
+    def data(self, stuffed: bytes) -> tuple[bool, int, str]:
         """DATA with a message that is already dot-stuffed and ends in CRLF (as the
-        client sent it), so it goes out without being unstuffed and stuffed again."""
-        assert self.smtp is not None
-        self.smtp.putcmd("data")
-        code, reply = self.smtp.getreply()
-        if code == 354:
-            self.smtp.send(stuffed + b".\r\n")
-            code, reply = self.smtp.getreply()
-        return code, _reply_text(reply)
+        client sent it), so it goes out without being unstuffed and stuffed again.
+
+        Returns (sent, code, text): `sent` is False when the upstream answered the DATA
+        command itself instead of 354 (nothing was sent; its transaction is still
+        open), True when the reply is the one after the final dot."""
+        smtp = self.smtp
+        assert smtp is not None
+        smtp.putcmd("data")
+        code, reply = smtp.getreply()
+        if code != 354:
+            return False, code, _reply_text(reply)
+        smtp.send(stuffed + b".\r\n")
+        code, reply = smtp.getreply()
+        return True, code, _reply_text(reply)
 
     def close(self) -> None:
         """QUIT politely; never raises."""
@@ -1403,6 +1414,8 @@ class UpstreamPool:
         async def reset() -> None:
             if pending is not None:
                 await asyncio.wait([pending])
+            if connection.discarded:  # the call's outcome already condemned it
+                return
             try:
                 code, _ = await self.run(connection.command, "RSET", "")
             except (*_LINK_ERRORS, smtplib.SMTPException, AssertionError):
@@ -1457,15 +1470,21 @@ class Transaction:
         self.declared_8bit_unsupported = declared_8bit_unsupported
         self.pending: asyncio.Future | None = None  # the upstream call in a thread
         self.broken = False  # the upstream link died mid-transaction
+        # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
+        # reply after the data. Such a session is reset before anyone else uses it.
+        self.open = False
 
 
 class Forwarder:
     """Speaks to the upstream on behalf of one client transaction at a time.
 
     Each call returns the SMTP reply for the client. Upstream 2xx/4xx/5xx replies are
-    passed on as the upstream gave them; a lost link, a timeout or a TLS failure becomes
+    passed on as the upstream gave them (a 2xx to MAIL or to the data as 250, which is
+    what clients look for); a lost link, a timeout or a TLS failure becomes
     `451 4.4.x`. An upstream `421` (it is closing) becomes `451 4.4.2`, since our own
-    connection to the client stays open.
+    connection to the client stays open; so does a reply that makes no sense at that
+    step (a code outside 200-599, a 3xx other than 354 to DATA), and that upstream
+    session is closed.
     """
 
     def __init__(self, config: Config, metrics: Metrics):
@@ -1502,7 +1521,7 @@ class Forwarder:
             finally:
                 session.busy = False
                 session.active_at = time.monotonic()
-            session.transaction = Transaction(
+            session.transaction = transaction = Transaction(
                 connection, declared_8bit and not connection.has("8bitmime"))
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
@@ -1515,15 +1534,23 @@ class Forwarder:
                 option for option in options
                 if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
             argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
+            transaction.open = True  # until the upstream says otherwise
             try:
                 code, text = await self._call(session, connection.command, "MAIL",
                                               argument)
             except _LINK_ERRORS as error:
                 code, text = 0, _describe(error)
-            if code and code != 421:
-                if code != 250:
-                    self.finish(session)
+            if 200 <= code < 300:  # any 2xx: the upstream's transaction is open
+                return f"250 {text}"
+            if _final(code):
+                transaction.open = False  # refused: no transaction upstream
+                self.finish(session)
                 return f"{code} {text}"
+            if code and code != 421:
+                self._condemn(transaction)
+                session.transaction = None
+                raise UpstreamError(f"unexpected reply to MAIL: {code} {text}",
+                                    "451 4.4.2")
             # The link is gone. A pooled session may simply have gone stale while idle:
             # the client must not pay for that, so try once more on a fresh one.
             self.pool.discard(connection)
@@ -1545,9 +1572,11 @@ class Forwarder:
                                           argument)
         except _LINK_ERRORS as error:
             code, text = 0, _describe(error)
-        if code and code != 421:
+        if _final(code):
             return f"{code} {text}"
-        transaction.broken = True  # finish() closes it when the client moves on
+        self._condemn(transaction)  # later commands get 451 until the next MAIL
+        if code and code != 421:
+            text = f"unexpected reply to {verb}: {code} {text}"
         raise UpstreamError(text or "upstream closed the connection", "451 4.4.2")
 
     async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
@@ -1563,29 +1592,49 @@ class Forwarder:
                            "message has 8-bit content")
         connection = transaction.connection
         try:
-            code, text = await self._call(session, connection.data, message)
+            sent, code, text = await self._call(session, connection.data, message)
         except _LINK_ERRORS as error:
-            transaction.broken = True
-            self.finish(session)
+            self._condemn(transaction)
+            self._end(session, transaction)
             raise UpstreamError(_describe(error), "451 4.4.2") from None
-        if code == 250:
-            connection.messages_sent += 1
-        elif code in (421, -1) or not 200 <= code < 600:
-            transaction.broken = True
+        if sent and _final(code):
+            transaction.open = False  # the reply after the data ends the transaction
+            accepted = code < 300
+            if accepted:
+                connection.messages_sent += 1  # before the pool sees it: it may retire
+            self._end(session, transaction)
+            return accepted, f"250 {text}" if accepted else f"{code} {text}"
+        if not sent and _final(code) and code >= 400:
+            # The DATA command itself refused (e.g. Postfix's smtpd_data_restrictions):
+            # the upstream's transaction is still open, so it is reset before reuse.
+            self._end(session, transaction)
+            return False, f"{code} {text}"
+        self._condemn(transaction)
+        self._end(session, transaction)
+        return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
+
+    def _condemn(self, transaction: Transaction) -> None:
+        """The upstream session is lost or makes no sense: close it now, never reuse
+        it. A client transaction on it gets 451 until the client moves on."""
+        transaction.broken = True
+        self.pool.discard(transaction.connection)
+
+    def _end(self, session: Session, transaction: Transaction) -> None:
+        """finish(), for this transaction only (connection_lost may have taken it)."""
+        if session.transaction is transaction:
             self.finish(session)
-            return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
-        self.finish(session)
-        return code == 250, f"{code} {text}"
 
     def finish(self, session: Session, *, reset: bool = False) -> None:
-        """End the session's upstream transaction: back to the pool, or closed."""
+        """End the session's upstream transaction: back to the pool only when the
+        upstream is between transactions; reset first (RSET) when it may hold one;
+        closed when broken."""
         transaction: Transaction | None = session.transaction
         if transaction is None:
             return
         session.transaction = None
         if transaction.broken:
             self.pool.discard(transaction.connection)
-        elif reset or transaction.pending is not None:
+        elif reset or transaction.open or transaction.pending is not None:
             self.pool.reset_and_release(transaction.connection, transaction.pending)
         else:
             self.pool.release(transaction.connection)

@@ -34,6 +34,7 @@ import dataclasses
 import email.parser
 import email.policy
 import email.utils
+import fcntl
 import functools
 import hmac
 import ipaddress
@@ -44,11 +45,14 @@ import math
 import os
 import re
 import secrets
+import select
 import signal
 import smtplib
 import socket
 import ssl
+import struct
 import sys
+import termios
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -1229,6 +1233,26 @@ def _final(code: int) -> bool:
     return code != 421 and (200 <= code < 300 or 400 <= code < 600)
 
 
+# The data goes upstream in pieces, each allowed TIMEOUT to make progress: a large
+# message to a slow upstream may take longer in all. A kernel send buffer of its own
+# size would let the upload "finish" long before the upstream has read it, so it is
+# kept small, and the reply after the final dot is awaited only once the upstream has
+# taken what the kernel still held (Linux tells: TIOCOUTQ), again TIMEOUT per progress.
+_DATA_CHUNK = 64 * 1024
+_UPSTREAM_SEND_BUFFER = 256 * 1024
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the peer has not acknowledged yet (0 when unknown)."""
+    if _OUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 class UpstreamConnection:
     """One authenticated session to the upstream. Every method blocks: threads only."""
 
@@ -1254,6 +1278,11 @@ class UpstreamConnection:
                                     local_hostname=config.smtp_hostname,
                                     timeout=config.timeout)
             self.smtp = smtp
+            try:
+                smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                     _UPSTREAM_SEND_BUFFER)
+            except OSError:
+                pass  # the kernel's default then; the upload is still paced per piece
             step = "EHLO"
             code, message = smtp.ehlo()
             if code != 250:
@@ -1301,9 +1330,35 @@ class UpstreamConnection:
         code, reply = smtp.getreply()
         if code != 354:
             return False, code, _reply_text(reply)
-        smtp.send(stuffed + b".\r\n")
-        code, reply = smtp.getreply()
+        try:
+            self._upload(smtp.sock, stuffed)
+        except OSError:
+            smtp.close()  # half a message is in the way: no QUIT, just close
+            raise
+        code, reply = smtp.getreply()  # waits up to TIMEOUT
         return True, code, _reply_text(reply)
+
+    def _upload(self, sock: socket.socket, stuffed: bytes) -> None:
+        """Send the data and the final dot; each send waits up to TIMEOUT for room.
+        Then wait until the upstream has taken it all (or has answered early)."""
+        view = memoryview(stuffed + b".\r\n")  # one piece: no Nagle wait for the dot
+        sent, total = 0, len(view)
+        while sent < total:
+            sent += sock.send(view[sent:sent + _DATA_CHUNK])
+        queued = _unacknowledged(sock)
+        if not queued or not hasattr(select, "poll"):
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        deadline = time.monotonic() + self.config.timeout
+        while queued:
+            if poller.poll(50):
+                return  # a reply (or the connection's end) is there to read
+            still_queued = _unacknowledged(sock)
+            if still_queued < queued:
+                queued, deadline = still_queued, time.monotonic() + self.config.timeout
+            elif time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
 
     def close(self) -> None:
         """QUIT politely; never raises."""

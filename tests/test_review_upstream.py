@@ -352,6 +352,69 @@ def test_data_command_answered_2xx_is_not_a_delivery(start, raw_upstream, raw_cl
 
 
 # ---------------------------------------------------------------------------------------
+# 8. Uploads bounded by TIMEOUT without progress, not in total
+# ---------------------------------------------------------------------------------------
+
+def big_message(size: int) -> bytes:
+    line = b"x" * 76 + b"\r\n"
+    return message(body="") + line * (size // len(line))
+
+
+@pytest.mark.parametrize(("rate", "size"), [(256 * 1024, 2 * 1024 * 1024),
+                                            (64 * 1024, 512 * 1024)])
+def test_slow_upstream_reader_gets_a_large_message(start, raw_upstream, raw_client,
+                                                   rate, size):
+    # About 8 s to read, with TIMEOUT=3. At 64 KB/s, what the kernels still hold after
+    # the last send alone takes longer than TIMEOUT to drain: the wait for the reply
+    # after the dot must not start before the upstream has taken the data.
+    raw_upstream.read_rate = rate
+    relay = start(raw_upstream, TIMEOUT=3)
+    client = raw_client(relay.port, timeout=120)
+    client.login()
+    content = big_message(size)
+    last = steps(client, content)[-1]
+    assert last[0] == "data" and last[1].startswith("250 2.0.0 Ok: queued as RAW1"), last
+    assert raw_upstream.messages[0].endswith(content)
+    relay.wait_for_log("delivered")
+
+
+def test_upstream_that_stops_reading_gets_451(start, raw_upstream, raw_client):
+    raw_upstream.stop_reading = True
+    relay = start(raw_upstream, TIMEOUT=3)
+    client = raw_client(relay.port, timeout=60)
+    client.login()
+    started = time.monotonic()
+    last = steps(client, big_message(2 * 1024 * 1024))[-1]
+    waited = time.monotonic() - started
+    assert last[0] == "data" and last[1].startswith("451 4.4.2 "), last
+    assert "timed out" in last[1], last
+    assert waited < 40, waited  # about TIMEOUT; only "it did not hang" is asserted
+    relay.wait_for_log("delivery-failed")
+
+
+def test_upstream_that_stops_reading_a_small_message_gets_451(start, raw_upstream,
+                                                              raw_client):
+    raw_upstream.stop_reading = True
+    relay = start(raw_upstream, TIMEOUT=3)
+    client = raw_client(relay.port, timeout=60)
+    client.login()
+    last = steps(client)[-1]
+    assert last[0] == "data" and last[1].startswith("451 4.4.2 "), last
+    relay.wait_for_log("delivery-failed")
+
+def test_large_message_over_implicit_tls_is_delivered(start, make_upstream,
+                                                      server_tls_context, server_cert):
+    # The upload in pieces over an SSL socket, and the wait for it to be taken.
+    upstream = make_upstream(implicit_tls_context=server_tls_context)
+    relay = start(upstream, RELAY_USE_SSL="true", RELAY_HOST="localhost",
+                  RELAY_TLS_CA_FILE=str(server_cert[2]), TIMEOUT=3)
+    content = big_message(3 * 1024 * 1024)
+    with relay.client(timeout=60) as client:
+        assert client.sendmail(SENDER, [RECIPIENT], content) == {}
+    assert upstream.messages[0].content.endswith(content)
+
+
+# ---------------------------------------------------------------------------------------
 # 14. Reply codes outside 200-599 never reach the client
 # ---------------------------------------------------------------------------------------
 

@@ -1549,6 +1549,16 @@ class Forwarder:
             # background RSET/QUIT: asyncio's default pool has min(32, cores + 4).
             max_workers=config.max_connections + 4, thread_name_prefix="upstream")
         self.pool = UpstreamPool(config, self.executor, metrics)
+        self.orphans: set[asyncio.Future] = set()  # deliveries whose client left
+
+    def outlive(self, delivery: asyncio.Future) -> None:
+        """Keep a delivery going after its client left; close() waits for it."""
+        def done(task: asyncio.Future) -> None:
+            self.orphans.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("unexpected error in a delivery", exc_info=task.exception())
+        self.orphans.add(delivery)
+        delivery.add_done_callback(done)
 
     async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
         transaction: Transaction = session.transaction
@@ -1637,7 +1647,9 @@ class Forwarder:
     async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
         """DATA upstream. Returns (accepted, reply for the client); ends the
         transaction either way."""
-        transaction: Transaction = session.transaction
+        transaction: Transaction | None = session.transaction
+        if transaction is None:  # the client left before we began
+            return False, "451 4.4.2 Upstream transaction was lost: send the message again"
         if transaction.broken:
             self.finish(session)
             return False, "451 4.4.2 Upstream connection was lost: send the message again"
@@ -1646,6 +1658,8 @@ class Forwarder:
             return False, ("554 5.6.3 The upstream does not support 8BITMIME and the "
                            "message has 8-bit content")
         connection = transaction.connection
+        # From here on `session.transaction` may be gone (the client left and
+        # connection_lost reset it, after this call): only `transaction` is ours.
         try:
             sent, code, text = await self._call(session, connection.data, message)
         except _LINK_ERRORS as error:
@@ -1695,6 +1709,8 @@ class Forwarder:
             self.pool.release(transaction.connection)
 
     async def close(self) -> None:
+        if self.orphans:  # their outcome is logged before "stopped"
+            await asyncio.wait(list(self.orphans), timeout=self.config.timeout)
         await self.pool.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -1871,6 +1887,19 @@ class SMTPRelayHandler:
                                   session)
             return refusal
         message = self._received_header(server, session, envelope) + content
+        # When the client leaves, aiosmtpd cancels this hook; the upstream may still
+        # accept the message. The delivery goes on by itself and logs its outcome.
+        delivery = asyncio.ensure_future(self._deliver(session, envelope, message,
+                                                       fields))
+        try:
+            return await asyncio.shield(delivery)
+        except asyncio.CancelledError:
+            self.forwarder.outlive(delivery)
+            raise
+
+    async def _deliver(self, session: Session, envelope: Any, message: bytes,
+                       fields: dict[str, Any]) -> str:
+        """The data upstream; one `delivered` or `delivery-failed` line either way."""
         sent_at = time.monotonic()
         try:
             accepted, reply = await self.forwarder.send_data(session, message)

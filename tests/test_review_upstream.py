@@ -21,9 +21,10 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
-from conftest import message
+from conftest import free_port, message
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -412,6 +413,84 @@ def test_large_message_over_implicit_tls_is_delivered(start, make_upstream,
     with relay.client(timeout=60) as client:
         assert client.sendmail(SENDER, [RECIPIENT], content) == {}
     assert upstream.messages[0].content.endswith(content)
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Every message ends with exactly one outcome line, even when the client left
+# ---------------------------------------------------------------------------------------
+
+def metric(relay, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{relay.env['HTTP_PORT']}/metrics",
+                                timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def leave_after_the_dot(relay, raw_client) -> None:
+    client = raw_client(relay.port)
+    client.login()
+    assert client.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+    assert client.command(f"RCPT TO:<{RECIPIENT}>").startswith("250")
+    assert client.command("DATA").startswith("354")
+    client.send(message() + b".\r\n")
+    client.close()
+
+
+def received_id(content: bytes) -> str:
+    found = re.search(rb"\(smtp-relay\) with \w+ id (\w+)", content)
+    assert found, content[:300]
+    return found.group(1).decode()
+
+
+def test_client_leaving_while_upstream_accepts_is_logged_delivered(start, raw_upstream,
+                                                                   raw_client):
+    raw_upstream.final_stall = 2
+    relay = start(raw_upstream, HTTP_PORT=free_port())
+    leave_after_the_dot(relay, raw_client)
+    wait_until(lambda: raw_upstream.messages, "the upstream to get the message")
+    message_id = received_id(raw_upstream.messages[0])
+    wait_until(lambda: outcome_lines(relay, message_id), "an outcome line")
+    time.sleep(0.5)  # a second line, were there one, would be written by now
+    lines = outcome_lines(relay, message_id)
+    assert len(lines) == 1 and " delivered " in lines[0], lines
+    assert metric(relay, "smtp_relay_messages_accepted_total") == 1
+    # The pooled session was left clean: the next message goes through on it.
+    raw_upstream.final_stall = 0
+    with relay.client() as client:
+        assert client.sendmail(SENDER, [RECIPIENT], message()) == {}
+    assert raw_upstream.nested_mail == 0
+    assert len(raw_upstream.messages) == 2
+
+
+def test_client_leaving_while_upstream_refuses_is_logged_failed(start, raw_upstream,
+                                                                raw_client):
+    raw_upstream.final_stall = 2
+    raw_upstream.final_replies = ["554 5.6.0 Content refused"]
+    relay = start(raw_upstream)
+    leave_after_the_dot(relay, raw_client)
+    wait_until(lambda: "delivery-failed" in relay.log(), "delivery-failed")
+    time.sleep(0.5)
+    assert len(re.findall(r" (delivered|delivery-failed) ", relay.log())) == 1
+    assert 'upstream="554 5.6.0 Content refused"' in relay.log()
+    raw_upstream.final_stall = 0
+    with relay.client() as client:
+        assert client.sendmail(SENDER, [RECIPIENT], message()) == {}
+    assert raw_upstream.nested_mail == 0
+
+
+def test_client_leaving_then_shutdown_still_logs_the_outcome(start, raw_upstream,
+                                                             raw_client):
+    raw_upstream.final_stall = 2
+    relay = start(raw_upstream)
+    leave_after_the_dot(relay, raw_client)
+    wait_until(lambda: "RCPT" in raw_upstream.commands and raw_upstream.commands[-1]
+               == "DATA", "the upstream to get DATA")
+    time.sleep(0.3)
+    assert relay.stop() == 0
+    log = relay.log()
+    assert len(re.findall(r" INFO delivered ", log)) == 1, log
+    assert log.index(" delivered ") < log.index(" stopped")
 
 
 # ---------------------------------------------------------------------------------------

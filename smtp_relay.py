@@ -1279,8 +1279,9 @@ class UpstreamConnection:
                                     timeout=config.timeout)
             self.smtp = smtp
             try:
-                smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                     _UPSTREAM_SEND_BUFFER)
+                if smtp.sock is not None:
+                    smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                         _UPSTREAM_SEND_BUFFER)
             except OSError:
                 pass  # the kernel's default then; the upload is still paced per piece
             step = "EHLO"
@@ -1331,6 +1332,8 @@ class UpstreamConnection:
         if code != 354:
             return False, code, _reply_text(reply)
         try:
+            if smtp.sock is None:
+                raise smtplib.SMTPServerDisconnected("connection closed by upstream")
             self._upload(smtp.sock, stuffed)
         except OSError:
             smtp.close()  # half a message is in the way: no QUIT, just close

@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import bcrypt
+import idna
 import prometheus_client
 from aiosmtpd.smtp import (
     MISSING,
@@ -1128,9 +1129,12 @@ def normalize_domain(domain: str) -> str:
     if not domain:
         raise AddressError("Malformed address: empty domain")
     if not domain.isascii():
+        # IDNA 2008 with UTS #46 mapping, non-transitional: "straße.de" is
+        # xn--strae-oqa.de. (Python's "idna" codec is IDNA 2003, which maps it to
+        # strasse.de: someone else's domain.)
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        except ValueError:  # idna.IDNAError is a UnicodeError
             raise AddressError("Malformed internationalised domain") from None
     domain = domain.lower()
     if len(domain) > MAX_DOMAIN:

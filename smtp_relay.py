@@ -560,7 +560,23 @@ class _JSONFormatter(_TextFormatter):
                 list(value) if isinstance(value, (list, tuple)) else str(value))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return _JSON_UNSAFE.sub(_json_safe, json.dumps(entry, ensure_ascii=False))
+
+
+# What json.dumps(ensure_ascii=False) leaves raw inside strings that a log line cannot
+# carry: lone surrogates (a client's invalid UTF-8 bytes, which aiosmtpd decodes with
+# surrogateescape, cannot be written as UTF-8 at all), and characters that some
+# readers take for line breaks (U+0085, U+2028, U+2029; JavaScript, str.splitlines).
+_JSON_UNSAFE = re.compile(r"[\ud800-\udfff\u0085\u2028\u2029]")
+
+
+def _json_safe(match: re.Match[str]) -> str:
+    char = ord(match.group())
+    if 0xDC80 <= char <= 0xDCFF:  # the byte the client sent, shown as text: \xff
+        return f"\\\\x{char - 0xDC00:02x}"
+    if 0xD800 <= char <= 0xDFFF:
+        return "\\ufffd"
+    return f"\\u{char:04x}"
 
 
 class _LogHandler(logging.Handler):
@@ -580,7 +596,8 @@ class _LogHandler(logging.Handler):
 
     def reopen(self) -> None:
         """Open the file anew (first, so a failure keeps the old one in use)."""
-        new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        new = open(self.path, "a", encoding="utf-8",  # noqa: SIM115
+                   errors="backslashreplace")  # never a line lost to an odd character
         with self.lock:
             old, self.file, self.size = self.file, new, new.tell()
         if old is not None:
@@ -594,7 +611,8 @@ class _LogHandler(logging.Handler):
                 os.replace(older, f"{self.path}.{number + 1}")
         if self.backup_count > 0:
             os.replace(self.path, f"{self.path}.1")
-        self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        self.file = open(self.path, "w", encoding="utf-8",  # noqa: SIM115
+                         errors="backslashreplace")
         self.size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -603,7 +621,8 @@ class _LogHandler(logging.Handler):
             sys.stderr.write(line)
             sys.stderr.flush()
             if self.file is not None:
-                length = len(line.encode("utf-8")) if not line.isascii() else len(line)
+                length = len(line) if line.isascii() else len(
+                    line.encode("utf-8", "backslashreplace"))
                 if self.max_bytes and self.size and self.size + length > self.max_bytes:
                     self._rotate()
                 self.file.write(line)

@@ -11,6 +11,8 @@ time are generous; assertions are about replies, log lines and memory, not speed
 from __future__ import annotations
 
 import base64
+import json
+import re
 import signal
 import smtplib
 import time
@@ -142,3 +144,59 @@ def test_relay_does_not_take_strasse_with_eszett_for_strasse(start_relay, upstre
             "550 5.7.1 Recipient domain strasse.de is not allowed"
         assert rcpt(client, "u@straße.de").startswith("250")
     assert upstream.handler.rcpt_commands == ["u@strasse.de", "u@xn--strae-oqa.de"]
+
+
+# ---------------------------------------------------------------------------------------
+# 12. Log lines a client cannot break: invalid UTF-8 and line separators
+# ---------------------------------------------------------------------------------------
+
+def send_hostile_addresses(relay: RelayProcess) -> list[str]:
+    """Addresses with an invalid UTF-8 byte and with U+2028/U+2029/U+0085; the replies."""
+    client = RawClient(relay.port)
+    try:
+        raw_login(client)
+        replies = [client.command(b"MAIL FROM:<a\xff@evil.com>")]
+        replies.append(client.command("MAIL FROM:<app@example.com> SMTPUTF8"))
+        replies.append(client.command(b"RCPT TO:<b\xff@example.com>"))
+        replies.append(client.command("RCPT TO:<x\u2028y@evil.com>".encode()))
+        replies.append(client.command("RCPT TO:<x\u2029y\u0085z@evil.com>".encode()))
+        client.command("QUIT")
+    finally:
+        client.close()
+    return replies
+
+
+def test_json_log_keeps_lines_with_invalid_utf8_and_separators(start_relay, upstream):
+    relay = start_relay(upstream, LOG_FORMAT="json")
+    replies = send_hostile_addresses(relay)
+    assert [reply[:3] for reply in replies] == ["553", "250", "553", "550", "553"], replies
+    relay.wait_for_log("x\\u2029y\\u0085z@evil.com")
+    raw = relay.log_file.read_bytes()
+    text = raw.decode("utf-8")  # valid UTF-8, whatever the client sent
+    for separator in ("\u2028", "\u2029", "\u0085"):
+        assert separator not in text
+    entries = [json.loads(line) for line in text.split("\n") if line]
+    events = [(entry["event"], entry.get("address")) for entry in entries]
+    refused = [address for event, address in events
+               if event in ("sender-refused", "recipient-refused")]
+    assert len(refused) == 4, events
+    assert refused[0].startswith("<a") and refused[0].endswith("@evil.com>")
+    assert "\\xff" in refused[0] or "\ufffd" in refused[0], refused[0]
+    assert "x\u2028y@evil.com" in refused[2]  # the value survives, escaped on the line
+    for line in relay.stderr.splitlines():
+        if line.startswith("{"):
+            json.loads(line)
+    assert "Logging error" not in relay.stderr
+    assert "UnicodeEncodeError" not in relay.stderr
+
+
+def test_text_log_keeps_lines_with_invalid_utf8_and_separators(start_relay, upstream):
+    relay = start_relay(upstream)
+    send_hostile_addresses(relay)
+    relay.wait_for_log("@evil.com domain=evil.com")
+    text = relay.log_file.read_bytes().decode("utf-8")
+    lines = text.split("\n")[:-1]
+    assert all(re.match(r"\d{4}-\d\d-\d\d ", line) for line in lines), lines
+    refused = [line for line in lines if "-refused " in line]
+    assert len(refused) == 4, lines
+    assert "Logging error" not in relay.stderr

@@ -174,7 +174,8 @@ class Config:
     ready_probe_seconds: float = 30.0
     users_file: str = ""
 
-    # Values never printed: the start-up line and `repr` show them as "***".
+    # Values never printed: the start-up line and `repr` show them as "***" (and the
+    # credentials inside URL settings, see redact_url).
     SECRETS = ("auth_password", "relay_password", "auth_password_hash")
 
     def redacted(self) -> dict[str, Any]:
@@ -183,6 +184,8 @@ class Config:
             value = getattr(self, field.name)
             if field.name in self.SECRETS:
                 value = "***" if value else ""
+            elif isinstance(value, str) and "://" in value:  # RATE_LIMIT_STORAGE
+                value = redact_url(value)
             elif isinstance(value, DomainList):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -192,6 +195,40 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.redacted()})"
+
+
+_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|secret|token|key)[^=&;#]*=)([^&;#]*)",
+                           re.IGNORECASE)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials in a URL: the userinfo's password (or a lone userinfo, which
+    some clients take for a password) and password-like query values."""
+    _, separator, rest = url.partition("://")
+    if not separator:
+        return []
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    found = []
+    if "@" in netloc:
+        userinfo = netloc.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    found += [match.group(2) for match in _SECRET_QUERY.finditer(rest)]
+    return [secret for secret in found if secret]
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:pw@host/0?password=pw` as it may be printed: credentials as ***."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    netloc, tail = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL).groups()
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    tail = _SECRET_QUERY.sub(lambda match: match.group(1) + "***", tail)
+    return f"{scheme}://{netloc}{tail}"
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -655,9 +692,64 @@ def setup_logging(config: Config) -> _LogHandler:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
-    logging.getLogger("mail.log").setLevel(
-        logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    library = logging.getLogger("mail.log")
+    library.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    if not any(isinstance(f, _HideAuthData) for f in library.filters):
+        library.addFilter(_HideAuthData())
     return handler
+
+
+# What aiosmtpd may name in its lines (the first word of a command line).
+_SMTP_VERBS = frozenset({
+    "HELO", "EHLO", "LHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY", "EXPN",
+    "HELP", "NOOP", "QUIT", "STARTTLS", "AUTH", "TURN", "ETRN", "ATRN", "SEND", "SOML",
+    "SAML", "XCLIENT", "XFORWARD", "PROXY"})
+_SASL_MECHANISMS = frozenset({
+    "PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "XOAUTH2", "OAUTHBEARER", "GSSAPI",
+    "NTLM", "ANONYMOUS", "EXTERNAL", "SCRAM-SHA-1", "SCRAM-SHA-256"})
+_HIDDEN = "********"
+
+
+def hide_auth_data(line: bytes | str) -> bytes | str:
+    """A client's line as it may be logged: after `AUTH <mechanism>` nothing shown, and
+    nothing of a line that is not an SMTP command at all (a base64 password sent after
+    the AUTH was refused, a raw password answering a prompt...)."""
+    text = line.decode("ascii", "replace") if isinstance(line, bytes) else line
+    words = text.split(None, 2)
+    verb = words[0].upper() if words else ""
+    if verb == "AUTH":
+        keep = "AUTH " + words[1] if len(words) > 1 and \
+            words[1].upper() in _SASL_MECHANISMS else "AUTH"
+        shown = keep if keep.count(" ") + 1 == len(words) else f"{keep} {_HIDDEN}"
+    elif verb in _SMTP_VERBS or not words:
+        return line
+    else:
+        shown = f"{_HIDDEN} (not an SMTP command: not shown)"
+    return shown.encode() if isinstance(line, bytes) else shown
+
+
+class _HideAuthData(logging.Filter):
+    """On aiosmtpd's "mail.log" (shown at LOG_LEVEL=DEBUG, warnings always): no AUTH
+    data. aiosmtpd masks only `AUTH <mechanism> <response>` in upper case; a client's
+    password also reaches its lines in lower-case commands, as the text of a
+    "can't decode base64" line, and as "commands" sent after a refused AUTH."""
+
+    # aiosmtpd's formats whose arguments are what the client sent.
+    CLIENT_LINES = ("_handle_client readline: %r", "%r >> %r", "%r unrecognised: %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        if record.msg == "%r can't decode base64: %s":
+            record.args = (*args[:1], _HIDDEN)
+        elif record.msg in self.CLIENT_LINES:
+            record.args = tuple(hide_auth_data(a) if isinstance(a, (bytes, str)) else a
+                                for a in args)
+        else:  # any other line of theirs: at least no AUTH response
+            record.args = tuple(hide_auth_data(a) if isinstance(a, (bytes, str)) and
+                                a[:4].upper() in ("AUTH", b"AUTH") else a for a in args)
+        return True
 
 
 class Metrics:
@@ -957,8 +1049,11 @@ class RateLimiter:
             storage = storage_from_string(uri if uri.startswith("async+") else
                                           f"async+{uri}")
         except (ConfigurationError, ValueError, ImportError) as error:
-            raise ConfigError(f"RATE_LIMIT_STORAGE={uri!r}: {_one_line(error)}: expects "
-                              "a `limits` storage URI such as memory:// or "
+            detail = _one_line(error).replace(uri, redact_url(uri))
+            for secret in url_secrets(uri):
+                detail = detail.replace(secret, "***")
+            raise ConfigError(f"RATE_LIMIT_STORAGE={redact_url(uri)!r}: {detail}: "
+                              "expects a `limits` storage URI such as memory:// or "
                               "redis://host:6379") from None
         self.strategy = MovingWindowRateLimiter(storage)
 

@@ -24,10 +24,13 @@ from conftest import (
     USER,
     RawClient,
     RelayProcess,
+    exit_of_each,
+    relay_env,
 )
 
 from smtp_relay import (
     AddressError,
+    load_config,
     normalize_domain,
     parse_domain_list,
 )
@@ -200,3 +203,94 @@ def test_text_log_keeps_lines_with_invalid_utf8_and_separators(start_relay, upst
     refused = [line for line in lines if "-refused " in line]
     assert len(refused) == 4, lines
     assert "Logging error" not in relay.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# 10. Secrets: credentials in URL settings, AUTH data in aiosmtpd's DEBUG lines
+# ---------------------------------------------------------------------------------------
+
+STORAGE_PASSWORD = "St0rage-Pa55word"
+
+
+def test_config_redacts_credentials_in_url_settings():
+    for uri, shown in [
+        (f"redis://:{STORAGE_PASSWORD}@redis.test:6379/0", "redis://:***@redis.test:6379/0"),
+        (f"redis://relay:{STORAGE_PASSWORD}@redis.test", "redis://relay:***@redis.test"),
+        (f"rediss://{STORAGE_PASSWORD}@redis.test", "rediss://***@redis.test"),
+        (f"redis://redis.test/0?password={STORAGE_PASSWORD}&db=1",
+         "redis://redis.test/0?password=***&db=1"),
+        ("memory://", "memory://"),
+    ]:
+        config = load_config({"RATE_LIMIT_STORAGE": uri})
+        assert config.redacted()["rate_limit_storage"] == shown
+        assert STORAGE_PASSWORD not in repr(config)
+
+
+def test_url_credentials_never_printed(tmp_path, start_relay, upstream):
+    """The start line, `check`, and a start-up error about the storage."""
+    with_password = f"memory://relay:{STORAGE_PASSWORD}@storage.test"
+    relay = start_relay(upstream, RATE_LIMIT_STORAGE=with_password,
+                        RATE_LIMIT_PER_MINUTE="5")
+    relay.wait_for_log(" started ")
+    assert "rate_limit_storage=memory://relay:***@storage.test" in relay.log()
+    runs = {}
+    for case, storage in [("check", with_password),
+                          ("refused", f"redis://:{STORAGE_PASSWORD}@127.0.0.1:1"),
+                          ("bogus", f"bogus://:{STORAGE_PASSWORD}@127.0.0.1:1")]:
+        workdir = tmp_path / case
+        workdir.mkdir()
+        runs[case] = (workdir, relay_env(workdir, upstream, RATE_LIMIT_STORAGE=storage,
+                                         RATE_LIMIT_PER_MINUTE="5"))
+    results = exit_of_each({"check": runs.pop("check")}, args=("check",))
+    results.update(exit_of_each(runs, timeout=10))
+    status, stdout, stderr = results["check"]
+    assert status == 0, stdout + stderr
+    assert "  rate_limit_storage = memory://relay:***@storage.test\n" in stdout
+    for case in ("refused", "bogus"):
+        status, stdout, stderr = results[case]
+        assert status in (2, None), (case, status, stderr)
+        if status == 2:  # no Redis client installed, or an unknown scheme
+            assert stderr.startswith(CONFIG_ERROR) and "RATE_LIMIT_STORAGE" in stderr
+            assert ":***@127.0.0.1:1" in stderr, stderr
+    for case, (_, stdout, stderr) in results.items():
+        assert STORAGE_PASSWORD not in stdout + stderr, case
+    for path in [relay.log_file, relay.stderr_file] + [
+            workdir / "logs" / "smtp-relay.log" for workdir, _ in runs.values()]:
+        if path.exists():
+            assert STORAGE_PASSWORD not in path.read_text(errors="replace"), path
+
+
+def test_no_auth_data_in_debug_lines(start_relay, upstream):
+    """PLAIN with an initial response (also in lower case) and after a challenge,
+    LOGIN, a raw (not base64) password at the LOGIN prompt, a token in place of the
+    mechanism, and AUTH steps sent as commands after the mechanism was refused."""
+    relay = start_relay(upstream, LOG_LEVEL="DEBUG", AUTH_FAILURE_DELAY="0",
+                        AUTH_MAX_FAILURES="0", AUTH_MECHANISMS="PLAIN,LOGIN")
+    token = plain_token()
+    steps: list[list[str | bytes]] = [
+        [f"AUTH PLAIN {token}"],
+        [f"auth plain {token}"],
+        ["AUTH PLAIN", token],
+        ["AUTH LOGIN", b64(USER), b64(PASSWORD)],
+        [f"AUTH LOGIN {b64(USER)}", b64(PASSWORD)],
+        ["AUTH LOGIN", b64(USER), PASSWORD],  # raw password: 501, not base64
+        [f"AUTH {token}"],  # the token where the mechanism goes: 504
+        ["AUTH CRAM-MD5", b64(USER), b64(PASSWORD), token, PASSWORD],  # 504, then junk
+    ]
+    for lines in steps:
+        client = RawClient(relay.port)
+        try:
+            assert client.command("EHLO raw.test").startswith("250")
+            replies = [client.command(line) for line in lines]
+            assert replies[-1][:1] in "2345", replies
+            client.command("QUIT")
+        finally:
+            client.close()
+    relay.wait_for_log("QUIT")
+    log, stderr = relay.log(), relay.stderr
+    assert " DEBUG " in log and "auth-ok" in log and " >> " in log  # a full DEBUG log
+    secrets = [PASSWORD, b64(PASSWORD), token, b64(f"{USER}\0{PASSWORD}"),
+               b64(PASSWORD.encode())[:-2]]
+    for secret in secrets:
+        assert secret not in log, f"{secret!r} in the log file"
+        assert secret not in stderr, f"{secret!r} on stderr"

@@ -414,7 +414,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         log_backup_count=_number(env, "LOG_BACKUP_COUNT", 5, minimum=0, maximum=1000),
         http_host=_text(env, "HTTP_HOST", "0.0.0.0"),
         http_port=_number(env, "HTTP_PORT", None, minimum=0, maximum=65535),
-        ready_probe_seconds=_number(env, "READY_PROBE_SECONDS", 30.0, minimum=0,
+        ready_probe_seconds=_number(env, "READY_PROBE_SECONDS", 30.0, minimum=1,
                                     maximum=86400, integer=False),
         users_file=_text(env, "SMTP_USERS_FILE", ""),
     )
@@ -2232,6 +2232,9 @@ class SMTPRelayServer:
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
+        if self.tls_context is not None:  # the listeners' context, for good
+            self._certificate = self.tls_context  # the one handshakes use (reload_tls)
+            self.tls_context.sni_callback = self._use_current_certificate
         self.connections: set[_RelaySMTP] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._smtp_options = {
@@ -2325,12 +2328,14 @@ class SMTPRelayServer:
     def reload(self, log_handler: _LogHandler | None) -> None:
         """SIGHUP: reopen the log file (after logrotate) and re-read SMTP_USERS_FILE.
         Sessions and deliveries go on; a users file that fails validation keeps the
-        old users. Authenticated sessions keep the policy they had at AUTH."""
+        old users. Authenticated sessions keep the policy they had at AUTH. The TLS
+        certificate and key are loaded anew too (see reload_tls)."""
         if log_handler is not None and log_handler.path:
             try:
                 log_handler.reopen()
             except OSError as error:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
+        self.reload_tls()
         try:
             count = self.authenticator.reload(self.config)
         except ConfigError as error:
@@ -2338,6 +2343,29 @@ class SMTPRelayServer:
                       kept=len(self.authenticator.users))
             return
         log_event(logging.INFO, "reloaded", users=count)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: TLS_CERT_FILE and TLS_KEY_FILE read again (a renewed certificate).
+        New handshakes, STARTTLS and SMTPS alike, get the new pair; sessions already
+        in TLS keep theirs. A pair that does not load keeps the one in use."""
+        if self.tls_context is None:
+            return
+        try:
+            certificate = inbound_tls_context(self.config)
+        except ConfigError as error:
+            log_event(logging.ERROR, "tls-reload-failed", reason=str(error),
+                      kept="the certificate loaded before")
+            return
+        self._certificate = certificate
+        log_event(logging.INFO, "tls-reloaded", cert=self.config.tls_cert_file)
+
+    def _use_current_certificate(self, tls: ssl.SSLObject, server_name: str | None,
+                                 listening: ssl.SSLContext) -> None:
+        # The listeners' context cannot be swapped under a running server, so every
+        # handshake (this callback runs for each ClientHello, with or without SNI)
+        # moves to the context reload_tls loaded last.
+        if self._certificate is not listening:
+            tls.context = self._certificate
 
     @property
     def smtps_port(self) -> int | None:

@@ -15,21 +15,25 @@ import json
 import re
 import signal
 import smtplib
+import ssl
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 from conftest import (
     PASSWORD,
     USER,
     RawClient,
     RelayProcess,
     exit_of_each,
+    free_port,
     relay_env,
 )
 
 from smtp_relay import (
     AddressError,
+    ConfigError,
     load_config,
     normalize_domain,
     parse_domain_list,
@@ -294,3 +298,98 @@ def test_no_auth_data_in_debug_lines(start_relay, upstream):
     for secret in secrets:
         assert secret not in log, f"{secret!r} in the log file"
         assert secret not in stderr, f"{secret!r} on stderr"
+
+
+# ---------------------------------------------------------------------------------------
+# 14. READY_PROBE_SECONDS has a floor; SIGHUP reloads the TLS certificate and key
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["0", "0.5", "-1"])
+def test_ready_probe_seconds_below_one_is_a_config_error(value):
+    with pytest.raises(ConfigError) as refused:
+        load_config({"READY_PROBE_SECONDS": value})
+    assert "READY_PROBE_SECONDS" in str(refused.value)
+    assert "at least 1" in str(refused.value)
+    assert load_config({"READY_PROBE_SECONDS": "1"}).ready_probe_seconds == 1
+
+
+def test_ready_probe_seconds_zero_stops_the_relay_naming_it(tmp_path, upstream):
+    env = relay_env(tmp_path, upstream, READY_PROBE_SECONDS="0", HTTP_HOST="127.0.0.1",
+                    HTTP_PORT=str(free_port()))
+    status, _, stderr = exit_of_each({"zero": (tmp_path, env)})["zero"]
+    assert status == 2, stderr
+    assert stderr.startswith(CONFIG_ERROR) and "READY_PROBE_SECONDS" in stderr, stderr
+
+
+def write_cert(cert: trustme.LeafCert, cert_file: Path, key_file: Path) -> None:
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_file), append=True)
+
+
+def subject_unit(tls_socket: ssl.SSLSocket) -> str:
+    certificate = tls_socket.getpeercert()
+    fields = dict(item[0] for item in certificate["subject"])
+    return fields["organizationalUnitName"]
+
+
+def starttls_unit(port: int, context: ssl.SSLContext) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.starttls(context=context)
+        return subject_unit(client.sock)
+
+
+def smtps_unit(port: int, context: ssl.SSLContext) -> str:
+    with smtplib.SMTP_SSL("127.0.0.1", port, timeout=20, context=context) as client:
+        client.noop()
+        return subject_unit(client.sock)
+
+
+def test_sighup_reloads_the_tls_certificate(start_relay, upstream, ca, tmp_path):
+    first = ca.issue_cert("localhost", "127.0.0.1", organization_unit_name="first")
+    second = ca.issue_cert("localhost", "127.0.0.1", organization_unit_name="second")
+    cert_file, key_file = tmp_path / "server.crt", tmp_path / "server.key"
+    write_cert(first, cert_file, key_file)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    smtps_port = free_port()
+    relay = start_relay(upstream, USE_TLS="true", TLS_CERT_FILE=str(cert_file),
+                        TLS_KEY_FILE=str(key_file), SMTPS_PORT=str(smtps_port))
+    assert starttls_unit(relay.port, context) == "first"
+    assert smtps_unit(smtps_port, context) == "first"
+
+    # A session that began before the reload keeps going on its own certificate.
+    old_session = smtplib.SMTP("127.0.0.1", relay.port, timeout=20)
+    old_session.starttls(context=context)
+    write_cert(second, cert_file, key_file)
+    hangup(relay)
+    relay.wait_for_log("tls-reloaded")
+    assert starttls_unit(relay.port, context) == "second"
+    assert smtps_unit(smtps_port, context) == "second"
+    assert subject_unit(old_session.sock) == "first"
+    old_session.ehlo("client.test")
+    old_session.login(USER, PASSWORD)
+    old_session.sendmail(SENDER, [RECIPIENT], b"Subject: old\r\n\r\nstill works\r\n")
+    old_session.quit()
+    assert len(upstream.messages) == 1
+
+    # A bad pair (the first key with the second certificate) keeps the loaded one.
+    first.private_key_pem.write_to_path(str(key_file))
+    hangup(relay)
+    relay.wait_for_log("tls-reload-failed")
+    failed = [line for line in relay.log().splitlines() if " tls-reload-failed " in line]
+    assert len(failed) == 1 and " ERROR " in failed[0], failed
+    assert "TLS_CERT_FILE" in failed[0]
+    assert starttls_unit(relay.port, context) == "second"
+    assert smtps_unit(smtps_port, context) == "second"
+    # Then a missing file.
+    key_file.unlink()
+    hangup(relay)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and relay.log().count(" tls-reload-failed ") < 2:
+        time.sleep(0.05)
+    assert relay.log().count(" tls-reload-failed ") == 2
+    assert starttls_unit(relay.port, context) == "second"
+    assert relay.process.poll() is None
+    assert "Traceback" not in relay.stderr

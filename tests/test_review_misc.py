@@ -10,6 +10,7 @@ time are generous; assertions are about replies, log lines and memory, not speed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -28,12 +29,14 @@ from conftest import (
     RelayProcess,
     exit_of_each,
     free_port,
+    message,
     relay_env,
 )
 
 from smtp_relay import (
     AddressError,
     ConfigError,
+    RateLimiter,
     load_config,
     normalize_domain,
     parse_domain_list,
@@ -393,3 +396,60 @@ def test_sighup_reloads_the_tls_certificate(start_relay, upstream, ca, tmp_path)
     assert starttls_unit(relay.port, context) == "second"
     assert relay.process.poll() is None
     assert "Traceback" not in relay.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# 13. RATE_LIMIT_BURST is a token bucket's size
+# ---------------------------------------------------------------------------------------
+
+RATE_LIMITED = "451 4.7.1"
+RETRY_HINT = re.compile(r"try again in (\d+) s")
+
+
+def test_burst_of_three_at_one_a_minute_takes_three_in_a_row(start_relay, upstream):
+    relay = start_relay(upstream, RATE_LIMIT_PER_MINUTE="1", RATE_LIMIT_BURST="3")
+    with relay.client() as client:
+        for number in range(3):
+            assert try_message(client, message(f"burst {number}")).startswith("250")
+        reply = mail(client)
+    assert reply.startswith(RATE_LIMITED), reply
+    retry = RETRY_HINT.search(reply)
+    assert retry and 50 <= int(retry.group(1)) <= 60, reply  # one token a minute
+    assert len(upstream.messages) == 3
+
+
+def test_without_burst_the_rate_is_a_plain_per_minute_limit(start_relay, upstream):
+    relay = start_relay(upstream, RATE_LIMIT_PER_MINUTE="60", RATE_LIMIT_BURST="0")
+    with relay.client() as client:
+        for _ in range(60):
+            assert mail(client).startswith("250")
+            assert client.rset()[0] == 250
+        reply = mail(client)
+    assert reply.startswith(RATE_LIMITED), reply
+    retry = RETRY_HINT.search(reply)
+    assert retry and 1 <= int(retry.group(1)) <= 60, reply
+    assert "60 messages per minute" in reply
+
+
+def test_token_bucket_refills_one_token_per_interval_up_to_the_burst():
+    clock = [1_000_000.0]
+    limiter = RateLimiter(load_config({"RATE_LIMIT_PER_MINUTE": "1",
+                                       "RATE_LIMIT_BURST": "3"}), clock=lambda: clock[0])
+
+    async def run() -> list[str | None]:
+        outcomes = []
+        for advance in (0, 0, 0, 0, 30, 30, 0, 1000, 0, 0, 0, 0):
+            clock[0] += advance
+            outcomes.append(await limiter.check_message("alice"))
+        outcomes.append(await limiter.check_message("bob"))  # a bucket per sender
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    accepted = [outcome is None for outcome in outcomes]
+    # Three in a row, none at 0 s and 30 s, one at 60 s, then none; after a long
+    # pause the bucket holds three again (never more).
+    assert accepted == [True, True, True, False, False, True, False,
+                        True, True, True, False, False, True], outcomes
+    assert outcomes[3] == ("451 4.7.1 Rate limit reached (3 messages in a row, then 1 "
+                           "per minute): try again in 60 s")
+    assert RETRY_HINT.search(outcomes[4]).group(1) == "30"

@@ -17,6 +17,7 @@ import re
 import signal
 import smtplib
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -32,11 +33,18 @@ from conftest import (
     message,
     relay_env,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtp_relay import (
+    HEADER_SECTION_LIMIT,
     AddressError,
     ConfigError,
     RateLimiter,
+    header_block,
+    header_from_domains,
+    header_from_fields,
+    header_section_end,
     load_config,
     normalize_domain,
     parse_domain_list,
@@ -453,3 +461,138 @@ def test_token_bucket_refills_one_token_per_interval_up_to_the_burst():
     assert outcomes[3] == ("451 4.7.1 Rate limit reached (3 messages in a row, then 1 "
                            "per minute): try again in 60 s")
     assert RETRY_HINT.search(outcomes[4]).group(1) == "30"
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Memory and the event loop at DATA
+# ---------------------------------------------------------------------------------------
+
+TEN_MB = 10 * 1024 * 1024
+
+
+def peak_rss_kib(relay: RelayProcess) -> int:
+    status = Path(f"/proc/{relay.process.pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE).group(1))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_ten_mb_of_short_lines_costs_no_memory_per_line(start_relay, upstream):
+    relay = start_relay(upstream, MAX_MESSAGE_SIZE="20000000", TIMEOUT="60")
+    with relay.client(timeout=60) as client:
+        assert try_message(client, message("warm-up")).startswith("250")
+        before = peak_rss_kib(relay)
+        body = b"ab\r\n" * (TEN_MB // 4)  # 2.6 million 2-byte lines
+        assert try_message(client, message("short lines").replace(
+            b"Hello.\r\n", body)).startswith("250")
+    growth_mb = (peak_rss_kib(relay) - before) / 1024
+    assert len(upstream.messages) == 2
+    assert len(upstream.messages[1].content) > TEN_MB
+    assert growth_mb < 60, f"peak RSS grew by {growth_mb:.0f} MB"
+
+
+def test_long_line_found_without_splitting(start_relay, upstream):
+    relay = start_relay(upstream)
+    with relay.client() as client:
+        for length, expected in [(999, "250"), (1000, "500"), (5000, "500")]:
+            body = b"ab\r\n" * 1000 + b"x" * length + b"\r\n" + b"ab\r\n" * 10
+            reply = try_message(client, message("line").replace(b"Hello.\r\n", body))
+            assert reply.startswith(expected), (length, reply)
+            if expected == "500":
+                assert reply == "500 Line too long (see RFC5321 4.5.3.1.6)"
+    assert len(upstream.messages) == 1
+
+
+def noop_latencies(port: int, done: threading.Event) -> list[float]:
+    """NOOP round trips on another connection until `done` is set."""
+    latencies = []
+    client = RawClient(port, timeout=60)
+    try:
+        while not done.is_set():
+            started = time.monotonic()
+            assert client.command("NOOP").startswith("250")
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.01)
+    finally:
+        client.close()
+    return latencies
+
+
+def test_huge_header_section_is_refused_and_the_loop_keeps_serving(start_relay,
+                                                                   upstream):
+    relay = start_relay(upstream, CHECK_HEADER_FROM="true",
+                        MAX_MESSAGE_SIZE="20000000", TIMEOUT="60")
+    # ~9 MB and no empty line: all of it is header section, all From: fields.
+    headers = f"From: {SENDER}\r\n".encode() * (9 * 1024 * 1024 // 22)
+    big = RawClient(relay.port, timeout=120)
+    try:
+        raw_login(big)
+        assert big.command(f"MAIL FROM:<{SENDER}>").startswith("250")
+        assert big.command(f"RCPT TO:<{RECIPIENT}>").startswith("250")
+        assert big.command("DATA").startswith("354")
+        big.send(headers)
+        done = threading.Event()
+        result: list[list[float]] = []
+        pinger = threading.Thread(target=lambda: result.append(
+            noop_latencies(relay.port, done)))
+        pinger.start()
+        try:
+            time.sleep(0.2)
+            big.send(b".\r\n")
+            reply = big.reply()
+        finally:
+            time.sleep(0.2)
+            done.set()
+            pinger.join(60)
+        assert reply.startswith("552 5.3.4") and "header section" in reply, reply
+        assert big.command("NOOP").startswith("250")  # the session goes on
+    finally:
+        big.close()
+    assert upstream.messages == []
+    latencies = result[0]
+    assert len(latencies) >= 3 and max(latencies) < 3.0, latencies
+
+    # Under the cap the header section is still checked as before.
+    with relay.client() as client:
+        ok = f"From: {SENDER}\r\n".encode() * 1000 + b"Subject: x\r\n\r\nbody\r\n"
+        assert try_message(client, ok).startswith("250")
+        bad = ok.replace(b"Subject: x", b"From: x@evil.com")
+        assert try_message(client, bad).startswith("550 5.7.1")
+        # A non-header line ends the header section, as in the email package.
+        not_all_header = f"From: {SENDER}\r\n".encode() + b"ab\r\n" * (TEN_MB // 8)
+        assert try_message(client, not_all_header).startswith("250")
+
+
+def test_header_section_ends_where_the_email_package_ends_it():
+    assert header_section_end(b"From: a\r\nSubject: b\r\n\r\nbody\r\n", 100) == 21
+    assert header_section_end(b"From: a\r\nnot a header\r\nFrom: b\r\n", 100) == 9
+    assert header_section_end(b"From x\r\nFrom: a\r\n\tcontinued\r\n", 100) == 29
+    assert header_section_end(b"\r\nbody\r\n", 100) == 0
+    assert header_section_end(b"X: y\r\n" * 100, 600) == 600
+    assert header_section_end(b"X: y\r\n" * 100, 599) is None
+    assert header_section_end(b"X: y\r\n" * 100000, 1024) is None
+    assert header_from_fields(b"From: a@x.test\r\n\tb@y.test\r\nTo: c\r\nfrom: d@z.test\r\n",
+                              50) == b"From: a@x.test\r\n\tb@y.test\r\nfrom: d@z.test\r\n"
+
+
+_HEADER_LINES = [
+    "From: a@example.com", "from: b@evil.com", "FROM:c@example.org", "From : d@evil.com",
+    "From e@evil.com", " f@evil.com", "\tg@example.com", "Subject: s", "X-Y: From: h@evil.com",
+    ":no-name", "no header here", "", "From: A <i@example.com>, j@evil.com",
+    "From: \"k@evil.com\" <l@example.com>", "Received: x", "From:", "=?utf-8?q?x?=: y",
+    "From: m@xn--strae-oqa.de", "From: n@[192.0.2.1]",
+]
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(st.sampled_from(_HEADER_LINES), max_size=8))
+def test_from_fields_give_what_parsing_the_whole_block_gives(lines):
+    content = "".join(line + "\r\n" for line in lines).encode()
+
+    def outcome(headers: bytes) -> object:
+        try:
+            return header_from_domains(headers)
+        except AddressError as error:
+            return error.code
+
+    end = header_section_end(content, HEADER_SECTION_LIMIT)
+    assert outcome(header_from_fields(content, end)) == outcome(header_block(content))

@@ -1,0 +1,257 @@
+"""The container and the systemd unit, for real.
+
+- The README's Docker workflow (``docker-compose build``, ``up -d``, swaks, the host log,
+  health, ``stop``) run by ../shared/container/compose-smoke.py on a fresh clone of the
+  committed project, when a Docker engine can be started (``base-image.sh`` beside it
+  starts one and makes the Dockerfile's base image, since no registry is reachable).
+  Skipped otherwise, except under REQUIRE_DOCKER=1 (CI), where it fails instead.
+- deploy/docker-entrypoint.sh run on this host: as root it hands the log directory to
+  uid 1000 and runs the command as uid 1000 (real setpriv); as another user it runs the
+  command as it is.
+
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PROJECT
+
+SHARED = PROJECT.parent / "shared" / "container"
+ENTRYPOINT = PROJECT / "deploy" / "docker-entrypoint.sh"
+UNIT = PROJECT / "deploy" / "smtp-relay.service"
+README = (PROJECT / "README.md").read_text()
+RELAY_UID = 1000
+# compose-smoke.py's checks: build, up, listens, 250, demo upstream, host log, healthy,
+# unprivileged, /metrics, stop exit 0.
+SMOKE_CHECKS = 10
+# compose-smoke.py rewrites the compose file to host networking: these must be free.
+SMOKE_PORTS = (1025, 2525, 8080)
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("REQUIRE_DOCKER") == "1":
+        pytest.fail(f"{reason} (REQUIRE_DOCKER=1: the container test must run)")
+    pytest.skip(reason)
+
+
+def run(command: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          check=False, **kwargs)  # type: ignore[call-overload]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def docker_engine() -> None:
+    """A running engine with the Dockerfile's base image, or unavailable()."""
+    if not (SHARED / "compose-smoke.py").exists():
+        unavailable(f"no {SHARED}/compose-smoke.py beside the project")
+    if shutil.which("dockerd") is None and shutil.which("docker") is None:
+        unavailable("no Docker engine installed (bash ../shared/container/base-image.sh "
+                    "installs and starts one)")
+    if os.geteuid() == 0 and (SHARED / "base-image.sh").exists():
+        # Starts dockerd if it is not running; makes the FROM stand-in once (about a minute).
+        made = run(["bash", str(SHARED / "base-image.sh")], timeout=900, cwd=PROJECT)
+        if made.returncode:
+            unavailable("base-image.sh failed: " + (made.stdout + made.stderr)[-1500:])
+    info = run(["docker", "info"], timeout=60)
+    if info.returncode:
+        unavailable("no Docker engine answers: " + info.stderr[-500:])
+    for tool in ("docker-compose", "swaks", "curl"):
+        if shutil.which(tool) is None:
+            unavailable(f"compose-smoke.py needs {tool}")
+    busy = [port for port in SMOKE_PORTS if port_in_use(port)]
+    if busy:
+        unavailable(f"127.0.0.1 ports {busy} are in use; compose-smoke.py needs them")
+
+
+@pytest.mark.timeout(1800)
+def test_readme_docker_workflow_on_a_fresh_clone() -> None:
+    """compose-smoke.py clones the project as root (so ./logs belongs to root) and runs
+    it with no manual step: the relay must start, deliver and log to ./logs."""
+    docker_engine()
+    uncommitted = run(["git", "status", "--porcelain", "--", "Dockerfile",
+                       "docker-compose.yml", "deploy", "requirements.txt", "smtp_relay.py"],
+                      timeout=30, cwd=PROJECT).stdout
+    smoke = run([sys.executable, str(SHARED / "compose-smoke.py"), "--project", str(PROJECT)],
+                timeout=1500, cwd=PROJECT)
+    output = smoke.stdout + smoke.stderr
+    note = f"\n(uncommitted changes are not tested: the clone has HEAD)\n{uncommitted}" \
+        if uncommitted else ""
+    summary = re.search(r"^(\d+) passed, (\d+) failed$", smoke.stdout, re.MULTILINE)
+    assert summary, output + note
+    failed = [line for line in smoke.stdout.splitlines() if line.startswith("FAIL ")]
+    assert not failed and summary.group(2) == "0", output + note
+    assert int(summary.group(1)) >= SMOKE_CHECKS, output + note
+
+
+def compose_seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|s|m|h)", value))
+
+
+def test_compose_prepares_the_log_dir_before_the_relay_starts() -> None:
+    """The static side of the workflow above: a one-shot root service, run through the
+    image's entrypoint, on the relay's own log mount, completed before the relay starts;
+    the relay itself never root; stop waits for the TIMEOUT drain."""
+    services = yaml.safe_load((PROJECT / "docker-compose.yml").read_text())["services"]
+    relay, prepare = services["smtp-relay"], services["prepare-dirs"]
+    assert prepare["user"] in ("0", "root", 0) and prepare["command"] == ["true"]
+    assert "entrypoint" not in prepare and prepare["restart"] == "no"
+    assert prepare["build"] == relay["build"]
+    log_mount = next(v for v in relay["volumes"] if v.endswith(":/var/log/smtp-relay"))
+    assert prepare["volumes"] == [log_mount]
+    assert prepare["environment"]["LOG_FILE"] == relay["environment"]["LOG_FILE"]
+    assert relay["depends_on"]["prepare-dirs"] == {
+        "condition": "service_completed_successfully"}
+    assert str(relay.get("user", "1000")).split(":")[0] not in ("0", "root")
+    assert compose_seconds(relay["stop_grace_period"]) > int(relay["environment"]["TIMEOUT"])
+
+
+# --- deploy/docker-entrypoint.sh on this host -------------------------------------------
+
+PROBE = textwrap.dedent("""\
+    import os, sys
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    print(*os.getresuid(), *os.getresgid(), len(os.getgroups()),
+          status["NoNewPrivs"].strip(), int(status["CapEff"], 16))
+    with open(os.environ["LOG_FILE"], "a") as log:
+        log.write("written by the command\\n")
+    sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+""")
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory every user can enter (tmp_path is root-only), with the entrypoint."""
+    path = Path(tempfile.mkdtemp(prefix="entrypoint-"))
+    path.chmod(0o755)
+    shutil.copy2(ENTRYPOINT, path / "docker-entrypoint.sh")
+    (path / "probe.py").write_text(PROBE)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# The probe runs as uid 1000: a Python every user can execute (the venv's may live
+# under a root-only home).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def need_root_and_setpriv() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the entrypoint's root path needs root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not installed")
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON} for the probe command")
+
+
+def entrypoint(scratch: Path, log_file: Path, *prefix: str, **env: str
+               ) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "LOG_FILE": str(log_file), **env}
+    return run([*prefix, str(scratch / "docker-entrypoint.sh"), SYSTEM_PYTHON,
+                str(scratch / "probe.py")], timeout=30, env=environment)
+
+
+def owner(path: Path) -> int:
+    return path.lstat().st_uid
+
+
+def test_entrypoint_is_executable_and_posix_sh() -> None:
+    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
+    assert ENTRYPOINT.read_text().startswith("#!/bin/sh\n")
+    tracked = run(["git", "ls-files", "-s", "deploy/docker-entrypoint.sh"], timeout=30,
+                  cwd=PROJECT).stdout
+    assert tracked.startswith("100755 "), "the clone must get the executable bit"
+    if shutil.which("dash"):
+        assert run(["dash", "-n", str(ENTRYPOINT)], timeout=30).returncode == 0
+
+
+def test_entrypoint_as_root_prepares_the_log_dir_then_drops_to_uid_1000(scratch) -> None:
+    """A ./logs made by root (a clone as root), with a log file and a rotation left by
+    an earlier root run: all handed to uid 1000; other files there are not touched."""
+    need_root_and_setpriv()
+    logs = scratch / "logs"
+    logs.mkdir(mode=0o755)
+    log_file = logs / "smtp-relay.log"
+    log_file.write_text("old line\n")
+    (logs / "smtp-relay.log.1").write_text("older\n")
+    (logs / "notes.txt").write_text("the owner's\n")
+    assert owner(logs) == 0
+
+    result = entrypoint(scratch, log_file, PROBE_EXIT="3")
+
+    assert result.returncode == 3, result.stderr        # exec: the command's own status
+    ruid, euid, suid, rgid, egid, sgid, groups, nnp, caps = map(int, result.stdout.split())
+    assert (ruid, euid, suid) == (RELAY_UID,) * 3
+    assert (rgid, egid, sgid) == (RELAY_UID,) * 3
+    assert groups == 0 and caps == 0 and nnp == 1
+    assert owner(logs) == RELAY_UID
+    assert owner(log_file) == RELAY_UID and owner(logs / "smtp-relay.log.1") == RELAY_UID
+    assert owner(logs / "notes.txt") == 0
+    assert log_file.read_text() == "old line\nwritten by the command\n"
+
+
+def test_entrypoint_as_root_creates_a_missing_log_dir(scratch) -> None:
+    need_root_and_setpriv()
+    log_file = scratch / "new" / "logs" / "relay.log"
+    result = entrypoint(scratch, log_file)
+    assert result.returncode == 0, result.stderr
+    assert owner(log_file.parent) == RELAY_UID and owner(log_file) == RELAY_UID
+
+
+def test_entrypoint_as_root_does_not_follow_a_planted_symlink(scratch) -> None:
+    """A link named like a log file in the log directory: its target keeps its owner."""
+    need_root_and_setpriv()
+    logs = scratch / "logs"
+    logs.mkdir(mode=0o755)
+    target = scratch / "elsewhere"
+    target.write_text("root's\n")
+    (logs / "relay.log.9").symlink_to(target)
+    result = entrypoint(scratch, logs / "relay.log")
+    assert result.returncode == 0, result.stderr
+    assert owner(target) == 0
+
+
+def test_entrypoint_as_another_user_runs_the_command_as_it_is(scratch) -> None:
+    """compose's `user: "1234:1234"`: nothing to prepare, no privilege to drop."""
+    need_root_and_setpriv()
+    logs = scratch / "logs"
+    logs.mkdir(mode=0o755)
+    os.chown(logs, 1234, 1234)
+    as_1234 = ("setpriv", "--reuid=1234", "--regid=1234", "--clear-groups")
+    result = entrypoint(scratch, logs / "smtp-relay.log", *as_1234)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:6] == ["1234"] * 6
+    assert result.stderr == ""
+    assert owner(logs / "smtp-relay.log") == 1234
+
+
+def test_entrypoint_unprivileged_says_why_an_unwritable_log_dir_fails(scratch) -> None:
+    """The image's default user on a root-owned ./logs without prepare-dirs: a hint on
+    stderr, and the command still runs (the relay itself then refuses LOG_FILE)."""
+    need_root_and_setpriv()
+    logs = scratch / "logs"
+    logs.mkdir(mode=0o755)
+    as_relay = ("setpriv", f"--reuid={RELAY_UID}", f"--regid={RELAY_UID}", "--clear-groups")
+    result = entrypoint(scratch, logs / "smtp-relay.log", *as_relay)
+    assert result.returncode != 0                      # the probe cannot open the log
+    assert "not writable by uid 1000" in result.stderr
+    assert "start the container once as root" in result.stderr
+    assert owner(logs) == 0

@@ -8,7 +8,8 @@
 - deploy/docker-entrypoint.sh run on this host: as root it hands the log directory to
   uid 1000 and runs the command as uid 1000 (real setpriv); as another user it runs the
   command as it is.
-
+- deploy/smtp-relay.service: ``systemd-analyze verify`` and the directives the README
+  promises (unprivileged user, EnvironmentFile, ProtectSystem=strict, restart).
 """
 
 from __future__ import annotations
@@ -255,3 +256,96 @@ def test_entrypoint_unprivileged_says_why_an_unwritable_log_dir_fails(scratch) -
     assert "not writable by uid 1000" in result.stderr
     assert "start the container once as root" in result.stderr
     assert owner(logs) == 0
+
+
+# --- deploy/smtp-relay.service ------------------------------------------------------------
+
+def unit_directives() -> dict[str, list[str]]:
+    directives: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            directives.setdefault(key.strip(), []).append(value.strip())
+    return directives
+
+
+def test_unit_runs_unprivileged_with_only_log_and_spool_writable() -> None:
+    unit = unit_directives()
+    assert unit["User"] not in (["root"], ["0"]) and len(unit["User"]) == 1
+    assert unit["EnvironmentFile"] == ["/etc/smtp-relay/env"]
+    assert unit["ProtectSystem"] == ["strict"]
+    assert unit["LogsDirectory"] == ["smtp-relay"]              # /var/log/smtp-relay
+    assert unit["ReadWritePaths"] == ["-/var/spool/smtp-relay"]
+    assert not {"StateDirectory", "CacheDirectory", "RuntimeDirectory",
+                "ReadWriteDirectories"} & set(unit)
+    assert unit["ProtectHome"] == ["yes"] and unit["PrivateTmp"] == ["yes"]
+    assert unit["NoNewPrivileges"] == ["yes"]
+    assert unit["Restart"] == ["on-failure"]
+    assert "LOG_FILE=/var/log/smtp-relay/smtp-relay.log" in unit["Environment"][0].split()
+    assert unit["ExecStart"][0].endswith(" /opt/smtp-relay/smtp_relay.py")
+    assert int(unit["TimeoutStopSec"][0]) > 60                  # the TIMEOUT drain
+    assert unit["WantedBy"] == ["multi-user.target"]
+
+
+def relocated_unit(prefix: Path) -> Path:
+    """The unit with /opt/smtp-relay moved to prefix, where a python exists, since verify
+    insists that ExecStart is executable; every other line as shipped."""
+    (prefix / ".venv" / "bin").mkdir(parents=True)
+    (prefix / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (prefix / "smtp_relay.py").symlink_to(PROJECT / "smtp_relay.py")
+    unit = prefix / "smtp-relay.service"
+    unit.write_text(UNIT.read_text().replace("/opt/smtp-relay", str(prefix)))
+    return unit
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.skip("systemd-analyze not installed (the unit's directives are checked "
+                    "statically above)")
+    return path
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path) -> None:
+    """No warning at all: verify exits 0 even on unknown keys, so its output must be empty."""
+    result = run([systemd_analyze(), "verify", "--man=no", str(relocated_unit(tmp_path))],
+                 timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", \
+        result.stdout + result.stderr
+
+
+def test_unit_sandboxing_exposure_is_low(tmp_path) -> None:
+    result = run([systemd_analyze(), "security", "--offline=yes", "--no-pager",
+                  str(relocated_unit(tmp_path))], timeout=60)
+    score = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    if score is None and "--offline" in result.stderr:
+        pytest.skip("systemd-analyze security --offline needs systemd 250+")
+    assert score, result.stdout + result.stderr
+    assert float(score.group(1)) <= 2.0, result.stdout
+
+
+def test_readme_install_steps_put_the_log_where_the_unit_may_write(tmp_path) -> None:
+    """.env.example's LOG_FILE is relative (logs/ under the read-only /opt/smtp-relay):
+    the README's sed line must move it to the unit's LogsDirectory, or the service
+    exits 2 at start (found running the steps under systemd)."""
+    section = README.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+    step = next(line for line in section.splitlines() if line.startswith("sed -i "))
+    env_file = tmp_path / "env"
+    shutil.copy(PROJECT / ".env.example", env_file)
+    done = run(["bash", "-c", step.replace("/etc/smtp-relay/env", str(env_file))],
+               timeout=30)
+    assert done.returncode == 0, done.stderr
+    log_files = re.findall(r"^LOG_FILE=(.*)$", env_file.read_text(), re.MULTILINE)
+    logs_directory = unit_directives()["LogsDirectory"][0]
+    assert log_files == [f"/var/log/{logs_directory}/smtp-relay.log"]
+
+
+def test_readme_documents_the_unit_and_the_entrypoint() -> None:
+    section = README.split("## Running under systemd", 1)[1].split("\n## ", 1)[0]
+    for step in ("useradd", "deploy/smtp-relay.service", "/etc/smtp-relay/env",
+                 "systemctl enable --now smtp-relay", "/opt/smtp-relay",
+                 "/var/log/smtp-relay"):
+        assert step in section, step
+    docker = README.split("## Docker", 1)[1].split("\n## ", 1)[0]
+    assert "chown 1000" not in docker                 # no manual step any more
+    assert "entrypoint" in docker and "setpriv" in docker and "prepare-dirs" in docker

@@ -11,19 +11,40 @@ set -eu
 uid=1000
 gid=1000
 
-if [ "$(id -u)" = 0 ]; then
-    if [ -n "${LOG_FILE:-}" ]; then
-        dir=$(dirname -- "$LOG_FILE")
-        mkdir -p -- "$dir"
-        [ "$(stat -c %u -- "$dir")" = "$uid" ] || chown "$uid:$gid" -- "$dir" \
-            || echo "smtp-relay entrypoint: cannot chown $dir (read-only mount?)" >&2
-        find "$dir" -maxdepth 1 -type f -name "$(basename -- "$LOG_FILE")*" \
-            ! -user "$uid" -exec chown -h "$uid:$gid" -- {} + \
-            || echo "smtp-relay entrypoint: cannot chown the log files in $dir" >&2
+say() { echo "smtp-relay entrypoint: $*" >&2; }
+
+# A directory of its own, never a system one: LOG_FILE=/var/log/relay.log, or a bare
+# file name (the working directory: the code), would otherwise go to the relay's user.
+dedicated() {
+    case $1 in
+        /bin*|/boot*|/dev*|/etc*|/lib*|/proc*|/sbin*|/sys*|/usr*) return 1 ;;
+        /var/cache|/var/lib|/var/log|/var/run|/var/spool|/var/tmp) return 1 ;;
+        /*/*) return 0 ;;
+        *) return 1 ;;    # / and top-level directories: /app, /tmp, /var, /home...
+    esac
+}
+
+prepare_log_dir() {
+    dir=$(dirname -- "$LOG_FILE")
+    mkdir -p -- "$dir"
+    real=$(cd -P -- "$dir" && pwd)
+    if ! dedicated "$real"; then
+        say "not giving $real to uid $uid (not a directory of its own): point LOG_FILE" \
+            "into one, as /var/log/smtp-relay/"
+        return 0
     fi
+    [ "$(stat -c %u -- "$real")" = "$uid" ] || chown "$uid:$gid" -- "$real" \
+        || say "cannot chown $real (read-only mount?)"
+    find "$real" -maxdepth 1 -type f -name "$(basename -- "$LOG_FILE")*" \
+        ! -user "$uid" -exec chown -h "$uid:$gid" -- {} + \
+        || say "cannot chown the log files in $real"
+}
+
+if [ "$(id -u)" = 0 ]; then
+    [ -z "${LOG_FILE:-}" ] || prepare_log_dir
     if [ -d /var/spool/smtp-relay ]; then
         find /var/spool/smtp-relay -xdev ! -user "$uid" -exec chown -h "$uid:$gid" -- {} + \
-            || echo "smtp-relay entrypoint: cannot chown /var/spool/smtp-relay" >&2
+            || say "cannot chown /var/spool/smtp-relay"
     fi
     home=$(getent passwd "$uid" | cut -d: -f6) || home=
     [ -z "$home" ] || export HOME="$home"
@@ -33,9 +54,8 @@ fi
 if [ -n "${LOG_FILE:-}" ]; then
     dir=$(dirname -- "$LOG_FILE")
     if [ -d "$dir" ] && ! [ -w "$dir" ]; then
-        echo "smtp-relay entrypoint: $dir is not writable by uid $(id -u):" \
-             "start the container once as root (it prepares the directory, then runs as" \
-             "uid $uid), or chown it on the host" >&2
+        say "$dir is not writable by uid $(id -u): start the container once as root" \
+            "(it prepares the directory, then runs as uid $uid), or chown it on the host"
     fi
 fi
 exec "$@"

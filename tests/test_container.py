@@ -48,9 +48,10 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def run(command: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          check=False, **kwargs)  # type: ignore[call-overload]
+                          check=False, cwd=cwd, env=env)
 
 
 def port_in_use(port: int) -> bool:
@@ -228,6 +229,27 @@ def test_entrypoint_as_root_does_not_follow_a_planted_symlink(scratch) -> None:
     result = entrypoint(scratch, logs / "relay.log")
     assert result.returncode == 0, result.stderr
     assert owner(target) == 0
+
+
+@pytest.fixture
+def top_level_dir() -> Iterator[Path]:
+    """A fresh directory at the top level, like the image's /app, /tmp or /var."""
+    path = Path(tempfile.mkdtemp(prefix="smtp-relay-entrypoint-", dir="/"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_entrypoint_as_root_leaves_system_directories_alone(scratch, top_level_dir) -> None:
+    """LOG_FILE=relay.log in the working directory (the image's /app, the code): the
+    directory is not handed to the relay's user; only dedicated ones are."""
+    need_root_and_setpriv()
+    environment = {**os.environ, "LOG_FILE": "relay.log"}
+    result = run([str(scratch / "docker-entrypoint.sh"), "true"], timeout=30,
+                 env=environment, cwd=top_level_dir)
+    assert result.returncode == 0, result.stderr
+    assert owner(top_level_dir) == 0
+    assert f"not giving {top_level_dir} to uid 1000" in result.stderr
 
 
 def test_entrypoint_as_another_user_runs_the_command_as_it_is(scratch) -> None:

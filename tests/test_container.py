@@ -185,7 +185,8 @@ def test_entrypoint_is_executable_and_posix_sh() -> None:
         assert run(["dash", "-n", str(ENTRYPOINT)], timeout=30).returncode == 0
 
 
-def test_entrypoint_as_root_prepares_the_log_dir_then_drops_to_uid_1000(scratch) -> None:
+def test_entrypoint_as_root_prepares_the_log_dir_then_drops_to_uid_1000(
+        scratch: Path) -> None:
     """A ./logs made by root (a clone as root), with a log file and a rotation left by
     an earlier root run: all handed to uid 1000; other files there are not touched."""
     need_root_and_setpriv()
@@ -210,7 +211,7 @@ def test_entrypoint_as_root_prepares_the_log_dir_then_drops_to_uid_1000(scratch)
     assert log_file.read_text() == "old line\nwritten by the command\n"
 
 
-def test_entrypoint_as_root_creates_a_missing_log_dir(scratch) -> None:
+def test_entrypoint_as_root_creates_a_missing_log_dir(scratch: Path) -> None:
     need_root_and_setpriv()
     log_file = scratch / "new" / "logs" / "relay.log"
     result = entrypoint(scratch, log_file)
@@ -218,7 +219,7 @@ def test_entrypoint_as_root_creates_a_missing_log_dir(scratch) -> None:
     assert owner(log_file.parent) == RELAY_UID and owner(log_file) == RELAY_UID
 
 
-def test_entrypoint_as_root_does_not_follow_a_planted_symlink(scratch) -> None:
+def test_entrypoint_as_root_does_not_follow_a_planted_symlink(scratch: Path) -> None:
     """A link named like a log file in the log directory: its target keeps its owner."""
     need_root_and_setpriv()
     logs = scratch / "logs"
@@ -240,7 +241,8 @@ def top_level_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_entrypoint_as_root_leaves_system_directories_alone(scratch, top_level_dir) -> None:
+def test_entrypoint_as_root_leaves_system_directories_alone(scratch: Path,
+                                                           top_level_dir: Path) -> None:
     """LOG_FILE=relay.log in the working directory (the image's /app, the code): the
     directory is not handed to the relay's user; only dedicated ones are."""
     need_root_and_setpriv()
@@ -252,7 +254,7 @@ def test_entrypoint_as_root_leaves_system_directories_alone(scratch, top_level_d
     assert f"not giving {top_level_dir} to uid 1000" in result.stderr
 
 
-def test_entrypoint_as_another_user_runs_the_command_as_it_is(scratch) -> None:
+def test_entrypoint_as_another_user_runs_the_command_as_it_is(scratch: Path) -> None:
     """compose's `user: "1234:1234"`: nothing to prepare, no privilege to drop."""
     need_root_and_setpriv()
     logs = scratch / "logs"
@@ -266,7 +268,7 @@ def test_entrypoint_as_another_user_runs_the_command_as_it_is(scratch) -> None:
     assert owner(logs / "smtp-relay.log") == 1234
 
 
-def test_entrypoint_unprivileged_says_why_an_unwritable_log_dir_fails(scratch) -> None:
+def test_entrypoint_unprivileged_says_why_an_unwritable_log_dir_fails(scratch: Path) -> None:
     """The image's default user on a root-owned ./logs without prepare-dirs: a hint on
     stderr, and the command still runs (the relay itself then refuses LOG_FILE)."""
     need_root_and_setpriv()
@@ -328,7 +330,7 @@ def systemd_analyze() -> str:
     return path
 
 
-def test_unit_passes_systemd_analyze_verify(tmp_path) -> None:
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     """No warning at all: verify exits 0 even on unknown keys, so its output must be empty."""
     result = run([systemd_analyze(), "verify", "--man=no", str(relocated_unit(tmp_path))],
                  timeout=60)
@@ -336,7 +338,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path) -> None:
         result.stdout + result.stderr
 
 
-def test_unit_sandboxing_exposure_is_low(tmp_path) -> None:
+def test_unit_sandboxing_exposure_is_low(tmp_path: Path) -> None:
     result = run([systemd_analyze(), "security", "--offline=yes", "--no-pager",
                   str(relocated_unit(tmp_path))], timeout=60)
     score = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
@@ -346,7 +348,7 @@ def test_unit_sandboxing_exposure_is_low(tmp_path) -> None:
     assert float(score.group(1)) <= 2.0, result.stdout
 
 
-def test_readme_install_steps_put_the_log_where_the_unit_may_write(tmp_path) -> None:
+def test_readme_install_steps_put_the_log_where_the_unit_may_write(tmp_path: Path) -> None:
     """.env.example's LOG_FILE is relative (logs/ under the read-only /opt/smtp-relay):
     the README's sed line must move it to the unit's LogsDirectory, or the service
     exits 2 at start (found running the steps under systemd)."""

@@ -34,6 +34,7 @@ import dataclasses
 import email.parser
 import email.policy
 import email.utils
+import fcntl
 import functools
 import hmac
 import ipaddress
@@ -45,11 +46,14 @@ import os
 import queue
 import re
 import secrets
+import select
 import signal
 import smtplib
 import socket
 import ssl
+import struct
 import sys
+import termios
 import threading
 import time
 import types
@@ -57,6 +61,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import bcrypt
+import idna
 import prometheus_client
 from aiosmtpd.smtp import (
     MISSING,
@@ -67,7 +72,7 @@ from aiosmtpd.smtp import (
     TLSSetupException,
     syntax,
 )
-from limits import RateLimitItemPerDay, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits import RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError
 from limits.storage import storage_from_string
@@ -176,7 +181,8 @@ class Config:
     ready_probe_seconds: float = 30.0
     users_file: str = ""
 
-    # Values never printed: the start-up line and `repr` show them as "***".
+    # Values never printed: the start-up line and `repr` show them as "***" (and the
+    # credentials inside URL settings, see redact_url).
     SECRETS = ("auth_password", "relay_password", "auth_password_hash")
 
     def redacted(self) -> dict[str, Any]:
@@ -185,6 +191,8 @@ class Config:
             value = getattr(self, field.name)
             if field.name in self.SECRETS:
                 value = "***" if value else ""
+            elif isinstance(value, str) and "://" in value:  # RATE_LIMIT_STORAGE
+                value = redact_url(value)
             elif isinstance(value, DomainList):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -194,6 +202,40 @@ class Config:
 
     def __repr__(self) -> str:
         return f"Config({self.redacted()})"
+
+
+_SECRET_QUERY = re.compile(r"([?&;][^=&;#]*(?:pass|secret|token|key)[^=&;#]*=)([^&;#]*)",
+                           re.IGNORECASE)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials in a URL: the userinfo's password (or a lone userinfo, which
+    some clients take for a password) and password-like query values."""
+    _, separator, rest = url.partition("://")
+    if not separator:
+        return []
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    found = []
+    if "@" in netloc:
+        userinfo = netloc.rpartition("@")[0]
+        user, colon, password = userinfo.partition(":")
+        found.append(password if colon else user)
+    found += [match.group(2) for match in _SECRET_QUERY.finditer(rest)]
+    return [secret for secret in found if secret]
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:pw@host/0?password=pw` as it may be printed: credentials as ***."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    netloc, tail = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL).groups()
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    tail = _SECRET_QUERY.sub(lambda match: match.group(1) + "***", tail)
+    return f"{scheme}://{netloc}{tail}"
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -379,7 +421,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         log_backup_count=_number(env, "LOG_BACKUP_COUNT", 5, minimum=0, maximum=1000),
         http_host=_text(env, "HTTP_HOST", "0.0.0.0"),
         http_port=_number(env, "HTTP_PORT", None, minimum=0, maximum=65535),
-        ready_probe_seconds=_number(env, "READY_PROBE_SECONDS", 30.0, minimum=0,
+        ready_probe_seconds=_number(env, "READY_PROBE_SECONDS", 30.0, minimum=1,
                                     maximum=86400, integer=False),
         users_file=_text(env, "SMTP_USERS_FILE", ""),
     )
@@ -562,7 +604,23 @@ class _JSONFormatter(_TextFormatter):
                 list(value) if isinstance(value, (list, tuple)) else str(value))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return _JSON_UNSAFE.sub(_json_safe, json.dumps(entry, ensure_ascii=False))
+
+
+# What json.dumps(ensure_ascii=False) leaves raw inside strings that a log line cannot
+# carry: lone surrogates (a client's invalid UTF-8 bytes, which aiosmtpd decodes with
+# surrogateescape, cannot be written as UTF-8 at all), and characters that some
+# readers take for line breaks (U+0085, U+2028, U+2029; JavaScript, str.splitlines).
+_JSON_UNSAFE = re.compile(r"[\ud800-\udfff\u0085\u2028\u2029]")
+
+
+def _json_safe(match: re.Match[str]) -> str:
+    char = ord(match.group())
+    if 0xDC80 <= char <= 0xDCFF:  # the byte the client sent, shown as text: \xff
+        return f"\\\\x{char - 0xDC00:02x}"
+    if 0xD800 <= char <= 0xDFFF:
+        return "\\ufffd"
+    return f"\\u{char:04x}"
 
 
 class _LogHandler(logging.Handler):
@@ -582,7 +640,8 @@ class _LogHandler(logging.Handler):
 
     def reopen(self) -> None:
         """Open the file anew (first, so a failure keeps the old one in use)."""
-        new = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        new = open(self.path, "a", encoding="utf-8",  # noqa: SIM115
+                   errors="backslashreplace")  # never a line lost to an odd character
         with self.lock:
             old, self.file, self.size = self.file, new, new.tell()
         if old is not None:
@@ -596,7 +655,8 @@ class _LogHandler(logging.Handler):
                 os.replace(older, f"{self.path}.{number + 1}")
         if self.backup_count > 0:
             os.replace(self.path, f"{self.path}.1")
-        self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        self.file = open(self.path, "w", encoding="utf-8",  # noqa: SIM115
+                         errors="backslashreplace")
         self.size = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -605,7 +665,8 @@ class _LogHandler(logging.Handler):
             sys.stderr.write(line)
             sys.stderr.flush()
             if self.file is not None:
-                length = len(line.encode("utf-8")) if not line.isascii() else len(line)
+                length = len(line) if line.isascii() else len(
+                    line.encode("utf-8", "backslashreplace"))
                 if self.max_bytes and self.size and self.size + length > self.max_bytes:
                     self._rotate()
                 self.file.write(line)
@@ -638,9 +699,64 @@ def setup_logging(config: Config) -> _LogHandler:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
     # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
-    logging.getLogger("mail.log").setLevel(
-        logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    library = logging.getLogger("mail.log")
+    library.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    if not any(isinstance(f, _HideAuthData) for f in library.filters):
+        library.addFilter(_HideAuthData())
     return handler
+
+
+# What aiosmtpd may name in its lines (the first word of a command line).
+_SMTP_VERBS = frozenset({
+    "HELO", "EHLO", "LHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "VRFY", "EXPN",
+    "HELP", "NOOP", "QUIT", "STARTTLS", "AUTH", "TURN", "ETRN", "ATRN", "SEND", "SOML",
+    "SAML", "XCLIENT", "XFORWARD", "PROXY"})
+_SASL_MECHANISMS = frozenset({
+    "PLAIN", "LOGIN", "CRAM-MD5", "DIGEST-MD5", "XOAUTH2", "OAUTHBEARER", "GSSAPI",
+    "NTLM", "ANONYMOUS", "EXTERNAL", "SCRAM-SHA-1", "SCRAM-SHA-256"})
+_HIDDEN = "********"
+
+
+def hide_auth_data(line: bytes | str) -> bytes | str:
+    """A client's line as it may be logged: after `AUTH <mechanism>` nothing shown, and
+    nothing of a line that is not an SMTP command at all (a base64 password sent after
+    the AUTH was refused, a raw password answering a prompt...)."""
+    text = line.decode("ascii", "replace") if isinstance(line, bytes) else line
+    words = text.split(None, 2)
+    verb = words[0].upper() if words else ""
+    if verb == "AUTH":
+        keep = "AUTH " + words[1] if len(words) > 1 and \
+            words[1].upper() in _SASL_MECHANISMS else "AUTH"
+        shown = keep if keep.count(" ") + 1 == len(words) else f"{keep} {_HIDDEN}"
+    elif verb in _SMTP_VERBS or not words:
+        return line
+    else:
+        shown = f"{_HIDDEN} (not an SMTP command: not shown)"
+    return shown.encode() if isinstance(line, bytes) else shown
+
+
+class _HideAuthData(logging.Filter):
+    """On aiosmtpd's "mail.log" (shown at LOG_LEVEL=DEBUG, warnings always): no AUTH
+    data. aiosmtpd masks only `AUTH <mechanism> <response>` in upper case; a client's
+    password also reaches its lines in lower-case commands, as the text of a
+    "can't decode base64" line, and as "commands" sent after a refused AUTH."""
+
+    # aiosmtpd's formats whose arguments are what the client sent.
+    CLIENT_LINES = ("_handle_client readline: %r", "%r >> %r", "%r unrecognised: %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        if record.msg == "%r can't decode base64: %s":
+            record.args = (*args[:1], _HIDDEN)
+        elif record.msg in self.CLIENT_LINES:
+            record.args = tuple(hide_auth_data(a) if isinstance(a, (bytes, str)) else a
+                                for a in args)
+        else:  # any other line of theirs: at least no AUTH response
+            record.args = tuple(hide_auth_data(a) if isinstance(a, (bytes, str)) and
+                                a[:4].upper() in ("AUTH", b"AUTH") else a for a in args)
+        return True
 
 
 class Metrics:
@@ -921,17 +1037,62 @@ class AuthGuard:
             del self._locked_until[address]
 
 
-class RateLimiter:
-    """Per-sender quotas: messages per minute (with a burst cap), per day, and
-    recipients per minute. The sender is the authenticated user, or the client IP for
-    trusted-network clients.
+class TokenBucket:
+    """RATE_LIMIT_BURST messages in a row, then one each 60/RATE_LIMIT_PER_MINUTE s:
+    a token bucket of `burst` tokens refilled at the rate, kept as GCRA's theoretical
+    arrival time (TAT, in ms) in the rate-limit storage.
 
-    Built on the `limits` package (moving windows); its storage is a URI, so
-    RATE_LIMIT_STORAGE can point several relays at one shared Redis.
+    Only the storage's atomic counter operations are used (get and incr, which every
+    `limits` storage has), so relays sharing a Redis share the bucket: the new TAT is
+    added, not set, and when the sum is not what this relay computed (another relay
+    took a token in between) the addition is undone and the check runs again. The TAT
+    is at most `burst` intervals ahead, so it lives under a key per period of that
+    length: the current period's and the previous one's hold every TAT that matters,
+    and older keys expire on their own.
     """
 
-    def __init__(self, config: Config):
+    ATTEMPTS = 5
+
+    def __init__(self, storage: Any, per_minute: int, burst: int,
+                 clock: Callable[[], float]):
+        self.storage, self.clock = storage, clock
+        self.interval = max(1, round(60000 / per_minute))  # ms per token
+        self.tolerance = (burst - 1) * self.interval  # how far ahead the TAT may be
+        self.period = burst * self.interval
+        self.expiry = math.ceil(2 * self.period / 1000) + 1  # s: two periods at least
+        self.prefix = f"smtp-relay/bucket/{self.interval}/{burst}/"
+
+    async def take(self, key: str) -> float | None:
+        """Take a token: None when taken, else the seconds until there is one."""
+        for _ in range(self.ATTEMPTS):
+            now = int(self.clock() * 1000)
+            window = now // self.period
+            current = f"{self.prefix}{key}/{window}"
+            stored = await self.storage.get(current)
+            tat = max(stored, await self.storage.get(f"{self.prefix}{key}/{window - 1}"),
+                      now)
+            if tat - now > self.tolerance:
+                return (tat - self.tolerance - now) / 1000
+            step = tat + self.interval - stored
+            if await self.storage.incr(current, self.expiry, step) == tat + self.interval:
+                return None
+            await self.storage.incr(current, self.expiry, -step)  # raced: undo, again
+        return self.interval / 1000  # contended throughout: refuse, for now
+
+
+class RateLimiter:
+    """Per-sender quotas: messages per minute (a token bucket of RATE_LIMIT_BURST
+    when that is set), per day, and recipients per minute. The sender is the
+    authenticated user, or the client IP for trusted-network clients.
+
+    Built on the `limits` package (moving windows; the token bucket on its storage);
+    its storage is a URI, so RATE_LIMIT_STORAGE can point several relays at one
+    shared Redis.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time):
         self.config = config
+        self.clock = clock  # the token buckets' (tests move it)
         self._message_limits: dict[int, list[tuple[Any, str]]] = {}
         self.recipient_limit = (RateLimitItemPerMinute(config.recipients_per_minute)
                                 if config.recipients_per_minute else None)
@@ -940,9 +1101,13 @@ class RateLimiter:
             storage = storage_from_string(uri if uri.startswith("async+") else
                                           f"async+{uri}")
         except (ConfigurationError, ValueError, ImportError) as error:
-            raise ConfigError(f"RATE_LIMIT_STORAGE={uri!r}: {_one_line(error)}: expects "
-                              "a `limits` storage URI such as memory:// or "
+            detail = _one_line(error).replace(uri, redact_url(uri))
+            for secret in url_secrets(uri):
+                detail = detail.replace(secret, "***")
+            raise ConfigError(f"RATE_LIMIT_STORAGE={redact_url(uri)!r}: {detail}: "
+                              "expects a `limits` storage URI such as memory:// or "
                               "redis://host:6379") from None
+        self.storage = storage
         self.strategy = MovingWindowRateLimiter(storage)
 
     def message_limits(self, per_minute: int | None) -> list[tuple[Any, str]]:
@@ -954,15 +1119,12 @@ class RateLimiter:
         if limits is not None:
             return limits
         limits, burst = [], self.config.rate_limit_burst
-        if per_minute:
+        if per_minute and burst:
+            limits.append((TokenBucket(self.storage, per_minute, burst, self.clock),
+                           f"{burst} messages in a row, then {per_minute} per minute"))
+        elif per_minute:  # no burst: a plain limit, at most this many in any minute
             limits.append((RateLimitItemPerMinute(per_minute),
                            f"{per_minute} messages per minute"))
-            if burst:
-                # A token bucket of `burst` refilled at `per_minute`: at most `burst`
-                # in the time the rate takes to refill them.
-                seconds = max(1, math.ceil(60 * burst / per_minute))
-                limits.append((RateLimitItemPerSecond(burst, seconds),
-                               f"{burst} messages in {seconds} s"))
         if self.config.messages_per_day:
             limits.append((RateLimitItemPerDay(self.config.messages_per_day),
                            f"{self.config.messages_per_day} messages per day"))
@@ -972,10 +1134,17 @@ class RateLimiter:
     async def check_message(self, key: str, per_minute: int | None = None) -> str | None:
         """None when one more message is allowed (and counted), else the reply."""
         limits = self.message_limits(per_minute)
-        for item, text in limits:
+        windows = [(item, text) for item, text in limits
+                   if not isinstance(item, TokenBucket)]
+        for item, text in windows:
             if not await self.strategy.test(item, key):
                 return await self._refusal(item, key, text)
-        for item, _ in limits:
+        for item, text in limits:  # only once every window has room: a token is taken
+            if isinstance(item, TokenBucket):
+                wait = await item.take(key)
+                if wait is not None:
+                    return self._reply(text, wait)
+        for item, _ in windows:
             await self.strategy.hit(item, key)
         return None
 
@@ -988,8 +1157,12 @@ class RateLimiter:
 
     async def _refusal(self, item: Any, key: str, text: str) -> str:
         stats = await self.strategy.get_window_stats(item, key)
-        retry = max(1, math.ceil(stats.reset_time - time.time()))
-        return f"451 4.7.1 Rate limit reached ({text}): try again in {retry} s"
+        return self._reply(text, stats.reset_time - time.time())
+
+    @staticmethod
+    def _reply(text: str, wait: float) -> str:
+        return (f"451 4.7.1 Rate limit reached ({text}): try again in "
+                f"{max(1, math.ceil(wait))} s")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1131,9 +1304,12 @@ def normalize_domain(domain: str) -> str:
     if not domain:
         raise AddressError("Malformed address: empty domain")
     if not domain.isascii():
+        # IDNA 2008 with UTS #46 mapping, non-transitional: "straße.de" is
+        # xn--strae-oqa.de. (Python's "idna" codec is IDNA 2003, which maps it to
+        # strasse.de: someone else's domain.)
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            domain = idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+        except ValueError:  # idna.IDNAError is a UnicodeError
             raise AddressError("Malformed internationalised domain") from None
     domain = domain.lower()
     if len(domain) > MAX_DOMAIN:
@@ -1180,11 +1356,50 @@ def header_block(content: bytes) -> bytes:
     return content.split(b"\r\n\r\n", 1)[0] + b"\r\n"
 
 
+def header_block_end(content: bytes) -> int:
+    """Where header_block ends, without copying it."""
+    if content.startswith(b"\r\n"):
+        return 0
+    blank = content.find(b"\r\n\r\n")
+    return len(content) if blank < 0 else blank + 2
+
+
+# A header section larger than this is refused when it must be parsed
+# (CHECK_HEADER_FROM); a message without an empty line is all header section.
+HEADER_SECTION_LIMIT = 1024 * 1024
+
+# The header section as the email package reads it (email.feedparser.headerRE): it
+# ends at the first line that is not a field, a continuation or a "From " line.
+_NOT_A_HEADER_LINE = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[\t ])",
+                                re.MULTILINE)
+# A From: field with its continuation lines (the email package's get_all("From")).
+_FROM_FIELD = re.compile(rb"^from:[^\r\n]*(?:\r\n[\t ][^\r\n]*)*(?:\r\n)?",
+                         re.IGNORECASE | re.MULTILINE)
+
+
+def header_section_end(content: bytes, limit: int) -> int | None:
+    """Where the header section ends as the email package sees it (at the empty line,
+    or at the first line that is no header field), or None when that is past `limit`.
+    Looks at no more than `limit` bytes (plus one line, checked already)."""
+    match = _NOT_A_HEADER_LINE.search(content, 0, limit + 1024)
+    if match is None or match.start() > limit:
+        return None
+    return match.start()
+
+
+def header_from_fields(content: bytes, end: int) -> bytes:
+    """The From: fields among content[:end] (a header section), with their
+    continuation lines: all of the header section that header_from_domains needs."""
+    return b"".join(match.group() for match in _FROM_FIELD.finditer(content, 0, end))
+
+
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
-def count_received_headers(headers: bytes) -> int:
-    return len(_RECEIVED.findall(headers))
+def count_received_headers(headers: bytes, end: int | None = None) -> int:
+    """Received: fields in headers (or in headers[:end], without copying it)."""
+    matches = _RECEIVED.finditer(headers, 0, len(headers) if end is None else end)
+    return sum(1 for _ in matches)
 
 
 def header_from_domains(headers: bytes) -> list[str]:
@@ -1227,6 +1442,31 @@ def _reply_text(message: bytes | str) -> str:
     return _one_line(" ".join(message.split("\n"))).strip()[:400]
 
 
+def _final(code: int) -> bool:
+    """A completion reply (2xx, 4xx, 5xx) other than 421 (the upstream is closing)."""
+    return code != 421 and (200 <= code < 300 or 400 <= code < 600)
+
+
+# The data goes upstream in pieces, each allowed TIMEOUT to make progress: a large
+# message to a slow upstream may take longer in all. A kernel send buffer of its own
+# size would let the upload "finish" long before the upstream has read it, so it is
+# kept small, and the reply after the final dot is awaited only once the upstream has
+# taken what the kernel still held (Linux tells: TIOCOUTQ), again TIMEOUT per progress.
+_DATA_CHUNK = 64 * 1024
+_UPSTREAM_SEND_BUFFER = 256 * 1024
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the peer has not acknowledged yet (0 when unknown)."""
+    if _OUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
+
+
 class UpstreamConnection:
     """One authenticated session to the upstream. Every method blocks: threads only."""
 
@@ -1252,6 +1492,12 @@ class UpstreamConnection:
                                     local_hostname=config.smtp_hostname,
                                     timeout=config.timeout)
             self.smtp = smtp
+            try:
+                if smtp.sock is not None:
+                    smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                         _UPSTREAM_SEND_BUFFER)
+            except OSError:
+                pass  # the kernel's default then; the upload is still paced per piece
             step = "EHLO"
             code, message = smtp.ehlo()
             if code != 250:
@@ -1286,16 +1532,50 @@ class UpstreamConnection:
         code, message = self.smtp.docmd(verb, argument)
         return code, _reply_text(message)
 
-    def data(self, stuffed: bytes) -> Reply:
+    def data(self, stuffed: bytes) -> tuple[bool, int, str]:
         """DATA with a message that is already dot-stuffed and ends in CRLF (as the
-        client sent it), so it goes out without being unstuffed and stuffed again."""
-        assert self.smtp is not None
-        self.smtp.putcmd("data")
-        code, reply = self.smtp.getreply()
-        if code == 354:
-            self.smtp.send(stuffed + b".\r\n")
-            code, reply = self.smtp.getreply()
-        return code, _reply_text(reply)
+        client sent it), so it goes out without being unstuffed and stuffed again.
+
+        Returns (sent, code, text): `sent` is False when the upstream answered the DATA
+        command itself instead of 354 (nothing was sent; its transaction is still
+        open), True when the reply is the one after the final dot."""
+        smtp = self.smtp
+        assert smtp is not None
+        smtp.putcmd("data")
+        code, reply = smtp.getreply()
+        if code != 354:
+            return False, code, _reply_text(reply)
+        try:
+            if smtp.sock is None:
+                raise smtplib.SMTPServerDisconnected("connection closed by upstream")
+            self._upload(smtp.sock, stuffed)
+        except OSError:
+            smtp.close()  # half a message is in the way: no QUIT, just close
+            raise
+        code, reply = smtp.getreply()  # waits up to TIMEOUT
+        return True, code, _reply_text(reply)
+
+    def _upload(self, sock: socket.socket, stuffed: bytes) -> None:
+        """Send the data and the final dot; each send waits up to TIMEOUT for room.
+        Then wait until the upstream has taken it all (or has answered early)."""
+        view = memoryview(stuffed + b".\r\n")  # one piece: no Nagle wait for the dot
+        sent, total = 0, len(view)
+        while sent < total:
+            sent += sock.send(view[sent:sent + _DATA_CHUNK])
+        queued = _unacknowledged(sock)
+        if not queued or not hasattr(select, "poll"):
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        deadline = time.monotonic() + self.config.timeout
+        while queued:
+            if poller.poll(50):
+                return  # a reply (or the connection's end) is there to read
+            still_queued = _unacknowledged(sock)
+            if still_queued < queued:
+                queued, deadline = still_queued, time.monotonic() + self.config.timeout
+            elif time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
 
     def close(self) -> None:
         """QUIT politely; never raises."""
@@ -1406,6 +1686,8 @@ class UpstreamPool:
         async def reset() -> None:
             if pending is not None:
                 await asyncio.wait([pending])
+            if connection.discarded:  # the call's outcome already condemned it
+                return
             try:
                 code, _ = await self.run(connection.command, "RSET", "")
             except (*_LINK_ERRORS, smtplib.SMTPException, AssertionError):
@@ -1460,6 +1742,9 @@ class Transaction:
         self.declared_8bit_unsupported = declared_8bit_unsupported
         self.pending: asyncio.Future | None = None  # the upstream call in a thread
         self.broken = False  # the upstream link died mid-transaction
+        # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
+        # reply after the data. Such a session is reset before anyone else uses it.
+        self.open = False
 
 
 class _UpstreamCalls:
@@ -1536,9 +1821,12 @@ class Forwarder:
     """Speaks to the upstream on behalf of one client transaction at a time.
 
     Each call returns the SMTP reply for the client. Upstream 2xx/4xx/5xx replies are
-    passed on as the upstream gave them; a lost link, a timeout or a TLS failure becomes
+    passed on as the upstream gave them (a 2xx to MAIL or to the data as 250, which is
+    what clients look for); a lost link, a timeout or a TLS failure becomes
     `451 4.4.x`. An upstream `421` (it is closing) becomes `451 4.4.2`, since our own
-    connection to the client stays open.
+    connection to the client stays open; so does a reply that makes no sense at that
+    step (a code outside 200-599, a 3xx other than 354 to DATA), and that upstream
+    session is closed.
     """
 
     def __init__(self, config: Config, metrics: Metrics):
@@ -1549,6 +1837,16 @@ class Forwarder:
             max_workers=config.max_connections + 4, thread_name_prefix="upstream")
         self.pool = UpstreamPool(config, self.executor, metrics)
         self.calls = _UpstreamCalls(config.max_connections + 4)
+        self.orphans: set[asyncio.Future] = set()  # deliveries whose client left
+
+    def outlive(self, delivery: asyncio.Future) -> None:
+        """Keep a delivery going after its client left; close() waits for it."""
+        def done(task: asyncio.Future) -> None:
+            self.orphans.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("unexpected error in a delivery", exc_info=task.exception())
+        self.orphans.add(delivery)
+        delivery.add_done_callback(done)
 
     async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
         transaction: Transaction = session.transaction
@@ -1575,7 +1873,7 @@ class Forwarder:
             finally:
                 session.busy = False
                 session.active_at = time.monotonic()
-            session.transaction = Transaction(
+            session.transaction = transaction = Transaction(
                 connection, declared_8bit and not connection.has("8bitmime"))
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
@@ -1588,15 +1886,23 @@ class Forwarder:
                 option for option in options
                 if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
             argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
+            transaction.open = True  # until the upstream says otherwise
             try:
                 code, text = await self._call(session, connection.command, "MAIL",
                                               argument)
             except _LINK_ERRORS as error:
                 code, text = 0, _describe(error)
-            if code and code != 421:
-                if code != 250:
-                    self.finish(session)
+            if 200 <= code < 300:  # any 2xx: the upstream's transaction is open
+                return f"250 {text}"
+            if _final(code):
+                transaction.open = False  # refused: no transaction upstream
+                self.finish(session)
                 return f"{code} {text}"
+            if code and code != 421:
+                self._condemn(transaction)
+                session.transaction = None
+                raise UpstreamError(f"unexpected reply to MAIL: {code} {text}",
+                                    "451 4.4.2")
             # The link is gone. A pooled session may simply have gone stale while idle:
             # the client must not pay for that, so try once more on a fresh one.
             self.pool.discard(connection)
@@ -1618,15 +1924,19 @@ class Forwarder:
                                           argument)
         except _LINK_ERRORS as error:
             code, text = 0, _describe(error)
-        if code and code != 421:
+        if _final(code):
             return f"{code} {text}"
-        transaction.broken = True  # finish() closes it when the client moves on
+        self._condemn(transaction)  # later commands get 451 until the next MAIL
+        if code and code != 421:
+            text = f"unexpected reply to {verb}: {code} {text}"
         raise UpstreamError(text or "upstream closed the connection", "451 4.4.2")
 
     async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
         """DATA upstream. Returns (accepted, reply for the client); ends the
         transaction either way."""
-        transaction: Transaction = session.transaction
+        transaction: Transaction | None = session.transaction
+        if transaction is None:  # the client left before we began
+            return False, "451 4.4.2 Upstream transaction was lost: send the message again"
         if transaction.broken:
             self.finish(session)
             return False, "451 4.4.2 Upstream connection was lost: send the message again"
@@ -1635,35 +1945,59 @@ class Forwarder:
             return False, ("554 5.6.3 The upstream does not support 8BITMIME and the "
                            "message has 8-bit content")
         connection = transaction.connection
+        # From here on `session.transaction` may be gone (the client left and
+        # connection_lost reset it, after this call): only `transaction` is ours.
         try:
-            code, text = await self._call(session, connection.data, message)
+            sent, code, text = await self._call(session, connection.data, message)
         except _LINK_ERRORS as error:
-            transaction.broken = True
-            self.finish(session)
+            self._condemn(transaction)
+            self._end(session, transaction)
             raise UpstreamError(_describe(error), "451 4.4.2") from None
-        if code == 250:
-            connection.messages_sent += 1
-        elif code in (421, -1) or not 200 <= code < 600:
-            transaction.broken = True
+        if sent and _final(code):
+            transaction.open = False  # the reply after the data ends the transaction
+            accepted = code < 300
+            if accepted:
+                connection.messages_sent += 1  # before the pool sees it: it may retire
+            self._end(session, transaction)
+            return accepted, f"250 {text}" if accepted else f"{code} {text}"
+        if not sent and _final(code) and code >= 400:
+            # The DATA command itself refused (e.g. Postfix's smtpd_data_restrictions):
+            # the upstream's transaction is still open, so it is reset before reuse.
+            self._end(session, transaction)
+            return False, f"{code} {text}"
+        self._condemn(transaction)
+        self._end(session, transaction)
+        return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
+
+    def _condemn(self, transaction: Transaction) -> None:
+        """The upstream session is lost or makes no sense: close it now, never reuse
+        it. A client transaction on it gets 451 until the client moves on."""
+        transaction.broken = True
+        self.pool.discard(transaction.connection)
+
+    def _end(self, session: Session, transaction: Transaction) -> None:
+        """finish(), for this transaction only (connection_lost may have taken it)."""
+        if session.transaction is transaction:
             self.finish(session)
-            return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
-        self.finish(session)
-        return code == 250, f"{code} {text}"
 
     def finish(self, session: Session, *, reset: bool = False) -> None:
-        """End the session's upstream transaction: back to the pool, or closed."""
+        """End the session's upstream transaction: back to the pool only when the
+        upstream is between transactions; reset first (RSET) when it may hold one;
+        closed when broken."""
         transaction: Transaction | None = session.transaction
         if transaction is None:
             return
         session.transaction = None
         if transaction.broken:
             self.pool.discard(transaction.connection)
-        elif reset or transaction.pending is not None:
+        elif reset or transaction.open or transaction.pending is not None:
             self.pool.reset_and_release(transaction.connection, transaction.pending)
         else:
             self.pool.release(transaction.connection)
 
     async def close(self) -> None:
+        if self.orphans:  # their outcome is logged before "stopped"
+            await asyncio.wait(list(self.orphans), timeout=self.config.timeout)
         await self.pool.close()
         self.calls.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -1841,6 +2175,19 @@ class SMTPRelayHandler:
                                   session)
             return refusal
         message = self._received_header(server, session, envelope) + content
+        # When the client leaves, aiosmtpd cancels this hook; the upstream may still
+        # accept the message. The delivery goes on by itself and logs its outcome.
+        delivery = asyncio.ensure_future(self._deliver(session, envelope, message,
+                                                       fields))
+        try:
+            return await asyncio.shield(delivery)
+        except asyncio.CancelledError:
+            self.forwarder.outlive(delivery)
+            raise
+
+    async def _deliver(self, session: Session, envelope: Any, message: bytes,
+                       fields: dict[str, Any]) -> str:
+        """The data upstream; one `delivered` or `delivery-failed` line either way."""
         sent_at = time.monotonic()
         try:
             accepted, reply = await self.forwarder.send_data(session, message)
@@ -1876,17 +2223,23 @@ class SMTPRelayHandler:
             self.forwarder.finish(session, reset=True)
 
     def _refuse_content(self, content: bytes, policy: UserPolicy) -> str | None:
+        # No copies of the data here, and no work that grows with more than the first
+        # HEADER_SECTION_LIMIT bytes past a few byte scans: this runs on the loop.
         problem = forbidden_in_data(content)
         if problem is not None:
             return f"550 5.6.0 Message refused: {problem}"
-        headers = header_block(content)
-        hops = count_received_headers(headers)
+        hops = count_received_headers(
+            content, min(header_block_end(content), HEADER_SECTION_LIMIT))
         if hops > self.config.max_hops:
             return (f"554 5.4.6 Too many hops ({hops} Received: headers, at most "
                     f"{self.config.max_hops}): mail loop?")
         if self.config.check_header_from:
+            end = header_section_end(content, HEADER_SECTION_LIMIT)
+            if end is None:
+                return (f"552 5.3.4 Message refused: header section too large (at most "
+                        f"{HEADER_SECTION_LIMIT // 1024 // 1024} MiB)")
             try:
-                domains = header_from_domains(headers)
+                domains = header_from_domains(header_from_fields(content, end))
             except AddressError as error:
                 return f"550 5.7.1 From: header refused: {error}"
             for domain in domains:
@@ -2170,7 +2523,7 @@ class _RelaySMTP(SMTP):
             self.session.receiving_data = False
         if stuffed is None:
             status = "552 Error: Too much mail data"
-        elif max(map(len, stuffed.split(b"\r\n"))) > self.line_length_limit - 2:
+        elif await self._has_long_line(stuffed):
             status = "500 Line too long (see RFC5321 4.5.3.1.6)"
         else:
             # RFC 5321 4.5.2: remove the transparency dot from lines that start with one.
@@ -2182,6 +2535,20 @@ class _RelaySMTP(SMTP):
             status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)
+
+    # A line longer than aiosmtpd's limit (999 bytes before the CRLF), found in the
+    # bytes themselves: splitting the data into lines made an object per line (170 MB
+    # for 10 MB of 2-byte lines). Anchored at line starts: each byte is looked at once.
+    _LONG_LINE = re.compile(rb"^[^\r\n]{%d}" % (SMTP.line_length_limit - 1),
+                            re.MULTILINE)
+    _SCAN_ON_THE_LOOP = 256 * 1024  # bytes; larger data is scanned in a worker thread
+
+    async def _has_long_line(self, data: bytes) -> bool:
+        if len(data) <= self._SCAN_ON_THE_LOOP:
+            return self._LONG_LINE.search(data) is not None
+        # Some 10 ms a megabyte: in a thread, so other clients are served meanwhile.
+        found = await self.loop.run_in_executor(None, self._LONG_LINE.search, data)
+        return found is not None
 
     async def _read_data(self) -> bytes | None:
         """The data up to (not including) the final ".<CRLF>", still dot-stuffed;
@@ -2287,6 +2654,9 @@ class SMTPRelayServer:
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
+        if self.tls_context is not None:  # the listeners' context, for good
+            self._certificate = self.tls_context  # the one handshakes use (reload_tls)
+            self.tls_context.sni_callback = self._use_current_certificate
         self.connections: set[_RelaySMTP] = set()
         self.protocol_templates: dict[bool, _ProtocolTemplate] = {}  # by implicit_tls
         self._servers: list[asyncio.AbstractServer] = []
@@ -2381,12 +2751,14 @@ class SMTPRelayServer:
     def reload(self, log_handler: _LogHandler | None) -> None:
         """SIGHUP: reopen the log file (after logrotate) and re-read SMTP_USERS_FILE.
         Sessions and deliveries go on; a users file that fails validation keeps the
-        old users. Authenticated sessions keep the policy they had at AUTH."""
+        old users. Authenticated sessions keep the policy they had at AUTH. The TLS
+        certificate and key are loaded anew too (see reload_tls)."""
         if log_handler is not None and log_handler.path:
             try:
                 log_handler.reopen()
             except OSError as error:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
+        self.reload_tls()
         try:
             count = self.authenticator.reload(self.config)
         except ConfigError as error:
@@ -2394,6 +2766,29 @@ class SMTPRelayServer:
                       kept=len(self.authenticator.users))
             return
         log_event(logging.INFO, "reloaded", users=count)
+
+    def reload_tls(self) -> None:
+        """SIGHUP: TLS_CERT_FILE and TLS_KEY_FILE read again (a renewed certificate).
+        New handshakes, STARTTLS and SMTPS alike, get the new pair; sessions already
+        in TLS keep theirs. A pair that does not load keeps the one in use."""
+        if self.tls_context is None:
+            return
+        try:
+            certificate = inbound_tls_context(self.config)
+        except ConfigError as error:
+            log_event(logging.ERROR, "tls-reload-failed", reason=str(error),
+                      kept="the certificate loaded before")
+            return
+        self._certificate = certificate
+        log_event(logging.INFO, "tls-reloaded", cert=self.config.tls_cert_file)
+
+    def _use_current_certificate(self, tls: ssl.SSLObject, server_name: str | None,
+                                 listening: ssl.SSLContext) -> None:
+        # The listeners' context cannot be swapped under a running server, so every
+        # handshake (this callback runs for each ClientHello, with or without SNI)
+        # moves to the context reload_tls loaded last.
+        if self._certificate is not listening:
+            tls.context = self._certificate
 
     @property
     def smtps_port(self) -> int | None:

@@ -1783,6 +1783,7 @@ class _UpstreamCalls:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             loop, future, function, args = job
+            outcome: tuple[Any, BaseException | None]
             try:
                 outcome = (function(*args), None)
             except BaseException as error:  # noqa: BLE001 (handed to the awaiting task)
@@ -2378,7 +2379,8 @@ class _RelaySMTP(SMTP):
         #   reply (at the latest DATA's 354). Never while we wait for the client.
         reply = status if isinstance(status, bytes) else status.encode(
             "utf-8" if self.enable_SMTPUTF8 else "ascii")
-        if reply[3:4] == b"-" or (self._in_group and b"\n" in self._reader._buffer):
+        pending = self._reader._buffer  # type: ignore[attr-defined]
+        if reply[3:4] == b"-" or (self._in_group and b"\n" in pending):
             self._unsent += reply + b"\r\n"
             return
         if self._unsent:

@@ -2365,10 +2365,10 @@ class _RelaySMTP(SMTP):
     """aiosmtpd's protocol with the few changes a relay needs.
 
     Overrides private aiosmtpd methods and state (`_create_session`, `_getaddr`,
-    `_timeout_cb`, `_reset_timeout`, `_handle_client`, `smtp_DATA` reading `_reader`
-    directly, SMTP.__init__'s work copied by _ProtocolTemplate): aiosmtpd is pinned to
-    an exact version, and tests/test_aiosmtpd_overrides.py fails when an upgrade
-    changes them.
+    `_timeout_cb`, `_reset_timeout`, `_handle_client`, `smtp_DATA` and `push` reading
+    `_reader` directly, SMTP.__init__'s work copied by _ProtocolTemplate): aiosmtpd is
+    pinned to an exact version, and tests/test_aiosmtpd_overrides.py fails when an
+    upgrade changes them.
     """
 
     def __init__(self, server: SMTPRelayServer, *, implicit_tls: bool = False,

@@ -180,6 +180,26 @@ def test_a_kept_reply_goes_out_before_a_hang_up(start_relay, upstream, raw_clien
     assert client.closed()
 
 
+
+def test_a_kept_reply_goes_out_before_starttls(start_relay, upstream, raw_client,
+                                               server_cert):
+    # Nothing from before TLS may come out inside it. (With USE_TLS, RSET, MAIL and
+    # RCPT are refused before STARTTLS, outside smtp_RSET: that reply is not kept.)
+    import ssl
+
+    cert_file, key_file, ca_file = server_cert
+    relay = start_relay(upstream, USE_TLS="true", TLS_CERT_FILE=cert_file,
+                        TLS_KEY_FILE=key_file)
+    client = raw_client(relay.port)
+    assert client.command("EHLO client.test").startswith("250")
+    replies, _ = segments_for(client, b"RSET\r\nSTARTTLS\r\nNOOP\r\n", 2)
+    assert replies == ["530 Must issue a STARTTLS command first",
+                       "220 Ready to start TLS"]
+    context = ssl.create_default_context(cafile=str(ca_file))
+    client.sock = context.wrap_socket(client.sock, server_hostname="localhost")
+    assert client.command("NOOP") == "250 OK"  # the pipelined NOOP was dropped
+    assert client.command("RSET") == "250 2.0.0 OK"
+
 # The upstream calls of client transactions (MAIL, RCPT, DATA: three a message) run in
 # the relay's own worker threads: run_in_executor costs ~25 us more per call.
 

@@ -50,6 +50,7 @@ import socket
 import ssl
 import sys
 import time
+from asyncio import sslproto
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -140,6 +141,7 @@ class Config:
     relay_pool_idle_seconds: float = 15.0
     relay_pool_max_messages: int = 100
     max_connections: int = 50
+    max_connections_per_ip: int = 0  # 0: no cap per client address
     timeout: float = 60.0
     log_file: str = "logs/smtp-relay.log"
     log_level: str = "INFO"
@@ -345,6 +347,8 @@ def load_config(env: Mapping[str, str]) -> Config:
                                         maximum=3600, integer=False),
         relay_pool_max_messages=_number(env, "RELAY_POOL_MAX_MESSAGES", 100, minimum=1),
         max_connections=_number(env, "MAX_CONNECTIONS", 50, minimum=1, maximum=10000),
+        max_connections_per_ip=_number(env, "MAX_CONNECTIONS_PER_IP", 0, minimum=0,
+                                       maximum=10000),
         timeout=_number(env, "TIMEOUT", 60.0, minimum=1, maximum=3600, integer=False),
         log_file=_text(env, "LOG_FILE", "logs/smtp-relay.log"),
         log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
@@ -1862,6 +1866,10 @@ class _RelaySMTP(SMTP):
         super().__init__(server.handler, **kwargs)
         self._relay_server = server
         self.implicit_tls = implicit_tls  # the SMTPS listener: TLS from the first byte
+        self.connected = False  # connection_made has run (SMTPS: after the handshake)
+        self.claimed_ip: str | None = None  # counted for MAX_CONNECTIONS_PER_IP
+        self.over_ip_limit = False
+        self._greeted_at: float | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -1869,13 +1877,14 @@ class _RelaySMTP(SMTP):
 
     async def _handle_client(self) -> None:
         # The connection checker: before the greeting, refuse clients from outside
-        # ALLOWED_CLIENT_NETWORKS and addresses locked out for guessing passwords.
+        # ALLOWED_CLIENT_NETWORKS, over MAX_CONNECTIONS_PER_IP, and addresses locked
+        # out for guessing passwords.
         session = self.session
-        refusal = self._relay_server.connection_refusal(session)
+        refusal = self._relay_server.connection_refusal(session, self.over_ip_limit)
         if refusal is not None:
-            self.transport.write(refusal.encode() + b"\r\n")
-            self.transport.close()
+            self._hang_up(refusal.encode() + b"\r\n")
             return
+        self._greeted_at = time.monotonic()
         await super()._handle_client()
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -1942,9 +1951,9 @@ class _RelaySMTP(SMTP):
         self.session.trusted = trusted
         if trusted:
             self.session.policy = self._relay_server.default_policy
-        # Counted once connected: on SMTPS only after the TLS handshake succeeded (a
-        # failed handshake never reaches connection_made or connection_lost).
-        self._relay_server.connections.add(self)
+        if not self.connected:  # the first time (STARTTLS comes through here again)
+            self.connected = True
+            self._relay_server.claim_address(self, transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -1961,9 +1970,22 @@ class _RelaySMTP(SMTP):
         super().data_received(data)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
+        now = time.monotonic()
         if duration is None and self.session is not None:  # aiosmtpd: a valid command
-            self.session.active_at = time.monotonic()
+            self.session.active_at = now
+        deadline = self._auth_deadline()
+        if deadline is not None:  # commands do not push it back
+            duration = min(duration or self._timeout_duration, max(0.05, deadline - now))
         super()._reset_timeout(duration)
+
+    def _auth_deadline(self) -> float | None:
+        """When a client that is neither authenticated nor trusted is cut off: TIMEOUT
+        after its greeting, however busy it keeps the connection (NOOPs, refusals)."""
+        session = self.session
+        if self._greeted_at is None or session is None or session.authenticated or \
+                session.trusted:
+            return None
+        return self._greeted_at + self._timeout_duration
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses paths with the email package's RFC 5322 header parser, which
@@ -2037,12 +2059,20 @@ class _RelaySMTP(SMTP):
         # without a word. A client waiting for the upstream is not idle, nor is one
         # still sending DATA; an idle one is told why it is disconnected.
         session = self.session
-        idle = time.monotonic() - (session.active_at if session is not None else 0.0)
-        if (session is not None and session.busy) or idle < self._timeout_duration:
+        now = time.monotonic()
+        idle = now - (session.active_at if session is not None else 0.0)
+        deadline = self._auth_deadline()
+        busy = session is not None and session.busy
+        if busy or (idle < self._timeout_duration and (deadline is None or now < deadline)):
             self._reset_timeout(max(0.05, self._timeout_duration - idle))
             return
-        log_event(logging.INFO, "idle-timeout", session)
-        self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        if idle >= self._timeout_duration:
+            log_event(logging.INFO, "idle-timeout", session)
+            self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
+            return
+        log_event(logging.INFO, "auth-timeout", session)
+        self._hang_up(f"421 4.7.0 No AUTH within {self._timeout_duration:g} s of "
+                      "connecting, closing connection\r\n".encode())
 
     def _hang_up(self, reply: bytes) -> None:
         """Say why and close. close() waits for the write buffer to drain, so a client
@@ -2090,11 +2120,60 @@ def cannot_listen(variables: str, host: str, port: int, error: OSError) -> Confi
 
 
 class _TooManyConnections(asyncio.Protocol):
-    """Answers one connection over MAX_CONNECTIONS and hangs up."""
+    """Answers one connection over MAX_CONNECTIONS and hangs up. On SMTPS it hangs up
+    without a word: the client expects a TLS handshake, and a refusal must not cost
+    one."""
+
+    def __init__(self, reply: bool = True):
+        self.reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        if self.reply:
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
         transport.close()
+
+
+class _SMTPSAcceptor(asyncio.Protocol):
+    """SMTPS, TLS from the first byte: the handshake of one accepted connection, which
+    already holds its MAX_CONNECTIONS slot, then the SMTP protocol takes the TLS
+    transport. (asyncio's own `ssl=` listener never tells the protocol about a handshake
+    that failed or timed out, so the slot could not be given back.)"""
+
+    def __init__(self, server: SMTPRelayServer, protocol: _RelaySMTP):
+        self._server = server
+        self._protocol = protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server, protocol = self._server, self._protocol
+        if not server.claim_address(protocol, transport):
+            server.refused_over_ip_limit(None, protocol.claimed_ip)
+            transport.close()  # connection_lost gives the slot back
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_done)
+        # What create_server(ssl=...) does, with a waiter we can watch.
+        tls = sslproto.SSLProtocol(loop, protocol, server.tls_context, waiter,
+                                   server_side=True,
+                                   ssl_handshake_timeout=server.config.timeout)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._server.connection_closed(self._protocol)  # refused before the handshake
+
+    def _handshake_done(self, waiter: asyncio.Future) -> None:
+        error = None if waiter.cancelled() else waiter.exception()
+        if self._protocol.connected:
+            return  # the SMTP session has the connection (and gives the slot back)
+        peer = self._protocol.claimed_ip
+        if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError):
+            log_event(logging.WARNING, "tls-failed", peer=peer, port="SMTPS",
+                      reason=_describe(error))
+        else:  # gone, or silent until the handshake timeout
+            log_event(logging.DEBUG, "tls-abandoned", peer=peer, port="SMTPS",
+                      reason=_describe(error) if error is not None else "closed")
+        self._server.connection_closed(self._protocol)
 
 
 class SMTPRelayServer:
@@ -2114,7 +2193,8 @@ class SMTPRelayServer:
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
-        self.connections: set[_RelaySMTP] = set()
+        self.connections: set[_RelaySMTP] = set()  # from accept to close: the slots
+        self._per_ip: collections.Counter[str] = collections.Counter()
         self._servers: list[asyncio.AbstractServer] = []
         self._smtp_options = {
             "hostname": config.smtp_hostname,
@@ -2140,16 +2220,44 @@ class SMTPRelayServer:
                                "require_starttls": False, "auth_require_tls": False}
 
     def _make_protocol(self, implicit_tls: bool = False) -> asyncio.Protocol:
+        # The factory runs as each connection is accepted, several in one go when they
+        # come at once (connection_made follows a loop turn later; on SMTPS only after
+        # the handshake): the slot is taken here, and given back in connection_closed.
         if len(self.connections) >= self.config.max_connections:
             self.metrics.connections_refused.labels("max_connections").inc()
             log_event(logging.WARNING, "connection-refused",
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
-            return _TooManyConnections()
+            return _TooManyConnections(reply=not implicit_tls)
         options = self._smtps_options if implicit_tls else self._smtp_options
-        return _RelaySMTP(self, implicit_tls=implicit_tls,
-                          loop=asyncio.get_running_loop(), **options)
+        protocol = _RelaySMTP(self, implicit_tls=implicit_tls,
+                              loop=asyncio.get_running_loop(), **options)
+        self.connections.add(protocol)
+        return _SMTPSAcceptor(self, protocol) if implicit_tls else protocol
 
-    def connection_refusal(self, session: Session) -> str | None:
+    def claim_address(self, protocol: _RelaySMTP, transport: asyncio.BaseTransport
+                      ) -> bool:
+        """Count the connection for its address (MAX_CONNECTIONS_PER_IP, once per
+        connection); False when that puts the address over the cap."""
+        limit = self.config.max_connections_per_ip
+        if not limit or protocol.claimed_ip is not None:
+            return not protocol.over_ip_limit
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        protocol.claimed_ip = address
+        self._per_ip[address] += 1
+        protocol.over_ip_limit = self._per_ip[address] > limit
+        return not protocol.over_ip_limit
+
+    def refused_over_ip_limit(self, session: Session | None, peer: str | None) -> str:
+        self.metrics.connections_refused.labels("max_connections_per_ip").inc()
+        log_event(logging.WARNING, "connection-refused", session,
+                  **({} if session is not None else {"peer": peer}),
+                  reason="MAX_CONNECTIONS_PER_IP reached",
+                  limit=self.config.max_connections_per_ip)
+        return "421 4.7.0 Too many connections from your address, try again later"
+
+    def connection_refusal(self, session: Session, over_ip_limit: bool = False
+                           ) -> str | None:
         """The connection checker: None to serve this client, else the reply."""
         try:
             address = ipaddress.ip_address(session.peer_ip.split("%")[0])
@@ -2163,6 +2271,8 @@ class SMTPRelayServer:
             log_event(logging.WARNING, "connection-refused", session,
                       reason="not in ALLOWED_CLIENT_NETWORKS")
             return "554 5.7.1 Your address is not allowed to use this relay"
+        if over_ip_limit:
+            return self.refused_over_ip_limit(session, session.peer_ip)
         if self.auth_guard.locked(session.peer_ip):
             self.metrics.connections_refused.labels("locked_out").inc()
             log_event(logging.WARNING, "connection-refused", session,
@@ -2176,15 +2286,23 @@ class SMTPRelayServer:
         return None
 
     def connection_closed(self, protocol: _RelaySMTP) -> None:
+        """Give back what the connection took when it was accepted (once)."""
+        if protocol not in self.connections:
+            return
         self.connections.discard(protocol)
+        address = protocol.claimed_ip
+        if address is not None:
+            left = self._per_ip[address] - 1
+            if left > 0:
+                self._per_ip[address] = left
+            else:
+                del self._per_ip[address]
 
     async def start(self) -> None:
         await self._listen("LISTEN_PORT", self.config.listen_port, self._make_protocol)
         if self.config.smtps_port is not None:
             await self._listen("SMTPS_PORT", self.config.smtps_port,
-                               lambda: self._make_protocol(implicit_tls=True),
-                               ssl=self.tls_context,
-                               ssl_handshake_timeout=self.config.timeout)
+                               lambda: self._make_protocol(implicit_tls=True))
 
     async def _listen(self, name: str, port: int, factory: Callable,
                       **options: Any) -> None:

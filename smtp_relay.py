@@ -797,20 +797,42 @@ def load_users(config: Config) -> dict[str, User]:
     return users
 
 
+BCRYPT_WORKERS = max(2, min(4, os.cpu_count() or 2))
+BCRYPT_CHECKS_PER_ADDRESS = max(1, BCRYPT_WORKERS // 2)
+BCRYPT_MAX_PASSWORD = 72  # bytes bcrypt reads; `htpasswd -B` ignores the rest
+
+
+class _Gate:
+    """A per-address semaphore, kept only while someone uses it."""
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(BCRYPT_CHECKS_PER_ADDRESS)
+        self.users = 0
+
+
 class SMTPAuthHandler:
     """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the configured user.
 
     aiosmtpd calls an authenticator synchronously, but a bcrypt check takes a good part
     of a second, so `__call__` only captures the credentials and `verify` (awaited by
-    the protocol's smtp_AUTH) checks them, bcrypt in a worker thread. Name and password
-    are both compared in constant time, so timing says nothing about which was wrong.
+    the protocol's smtp_AUTH) checks them. Name and password are both compared in
+    constant time, so timing says nothing about which was wrong.
+
+    bcrypt runs on its own small pool (never the one that carries deliveries), at most
+    BCRYPT_CHECKS_PER_ADDRESS at a time for one client address. A check waits for its
+    turn here, not in the pool's queue, so the check of a client that left while
+    waiting never runs; a running check keeps its turn until bcrypt returns.
     """
 
-    def __init__(self, config: Config, executor: concurrent.futures.Executor):
+    def __init__(self, config: Config, executor: concurrent.futures.Executor | None = None):
         self.users = load_users(config)
-        self._executor = executor
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=BCRYPT_WORKERS, thread_name_prefix="bcrypt")
+        self._workers = asyncio.Semaphore(BCRYPT_WORKERS)
+        self._gates: dict[str, _Gate] = {}
         # Keyed digests of (user, password) pairs bcrypt already accepted, so a busy
         # client does not cost a bcrypt run per connection. Never the password itself.
+        # One set per users generation: reload() starts a new one.
         self._cache_key = secrets.token_bytes(32)
         self._accepted: set[bytes] = set()
         self._dummy_hash = b""  # made on first need (see _hash_for_unknown_names)
@@ -826,8 +848,21 @@ class SMTPAuthHandler:
         session.credentials = (mechanism, auth_data)
         return AuthResult(success=False, handled=True)  # the protocol answers
 
-    async def verify(self, mechanism: str, credentials: Any) -> User | None:
-        """The user these credentials prove, or None."""
+    async def verify(self, mechanism: str, credentials: Any, address: str = ""
+                     ) -> User | None:
+        """The user these credentials prove, or None. `address` is the client's, for
+        the limit on concurrent checks per address."""
+        for _ in range(3):
+            generation = self._accepted
+            user = await self._verify(mechanism, credentials, address)
+            if self._accepted is generation:
+                return user
+            # SIGHUP reloaded the users during the check: the verdict was about users
+            # that are gone. Check against the new ones.
+        return None
+
+    async def _verify(self, mechanism: str, credentials: Any, address: str
+                      ) -> User | None:
         if mechanism == "CRAM-MD5":
             login, challenge, digest = credentials
             user = self.users.get(login.decode("utf-8", "replace"))
@@ -841,21 +876,64 @@ class SMTPAuthHandler:
         if user is not None and user.password:
             ok = hmac.compare_digest(credentials.password, user.password)
             return user if ok else None
+        accepted = self._accepted  # this generation's
         cache_key = hmac.new(self._cache_key, credentials.login + b"\0" +
                              credentials.password, "sha256").digest()
-        if user is not None and cache_key in self._accepted:
+        if user is not None and cache_key in accepted:
             return user
-        loop = asyncio.get_running_loop()
         hashed = user.password_hash if user is not None else \
-            await loop.run_in_executor(self._executor, self._hash_for_unknown_names)
+            await self._in_pool(address, self._hash_for_unknown_names)
         if not hashed:
             return None
-        ok = await loop.run_in_executor(self._executor, bcrypt.checkpw,
-                                        credentials.password, hashed)
+        # bcrypt reads 72 bytes (bcrypt 5 refuses more): what `htpasswd -B` hashed.
+        ok = await self._in_pool(address, bcrypt.checkpw,
+                                 credentials.password[:BCRYPT_MAX_PASSWORD], hashed)
         if ok and user is not None:
-            self._accepted.add(cache_key)
+            accepted.add(cache_key)
             return user
         return None
+
+    async def _in_pool(self, address: str, function: Callable, *args: Any) -> Any:
+        """function(*args) on the bcrypt pool, once this address and the pool have a
+        free turn. Cancelled while waiting: it never runs."""
+        gate = self._gates.get(address)
+        if gate is None:
+            gate = self._gates[address] = _Gate()
+        gate.users += 1
+        try:
+            await gate.semaphore.acquire()
+            try:
+                await self._workers.acquire()
+            except BaseException:
+                gate.semaphore.release()
+                raise
+        except BaseException:
+            self._leave(address, gate)
+            raise
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                function, *args)
+        except BaseException:  # the pool is shut down: stopping
+            self._workers.release()
+            gate.semaphore.release()
+            self._leave(address, gate)
+            raise
+        future.add_done_callback(functools.partial(self._check_done, address, gate))
+        # Shielded: a client that leaves does not end the check early, so its turn
+        # stays taken until bcrypt returns.
+        return await asyncio.shield(future)
+
+    def _check_done(self, address: str, gate: _Gate, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved, even when its client is gone
+        self._workers.release()
+        gate.semaphore.release()
+        self._leave(address, gate)
+
+    def _leave(self, address: str, gate: _Gate) -> None:
+        gate.users -= 1
+        if gate.users == 0 and self._gates.get(address) is gate:
+            del self._gates[address]
 
     def _hash_for_unknown_names(self) -> bytes:
         """A hash as costly as the users' own, so that an unknown name takes as long
@@ -910,9 +988,22 @@ class AuthGuard:
         failures.append(now)
         if len(failures) < self.max_failures:
             return False
-        del self._failures[address]
+        # The failures stay (until they age out): withdraw() may take one back. They
+        # are all older than the window when the lock-out ends, so none counts again.
         self._locked_until[address] = now + self.window
         return True
+
+    def withdraw(self, address: str) -> None:
+        """Take back a failure counted before its check (record_failure): the
+        credentials were right. A lock-out it completed is lifted too."""
+        failures = self._failures.get(address)
+        if not failures:
+            return
+        failures.pop()
+        if len(failures) < self.max_failures:
+            self._locked_until.pop(address, None)
+        if not failures:
+            del self._failures[address]
 
     def _forget_before(self, oldest: float) -> None:
         for address in [a for a, f in self._failures.items() if f[-1] < oldest]:
@@ -1898,8 +1989,17 @@ class _RelaySMTP(SMTP):
             return  # aiosmtpd already answered (syntax error, abort, already done)
         mechanism, credentials = session.credentials
         session.credentials = None
-        user = await server.authenticator.verify(mechanism, credentials)
+        # Counted as a failure before the check and taken back if it succeeds: a client
+        # that leaves during the check (bcrypt runs on) is still counted.
+        server.auth_guard.record_failure(session.peer_ip)
+        try:
+            user = await server.authenticator.verify(mechanism, credentials,
+                                                     session.peer_ip)
+        except asyncio.CancelledError:
+            log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
+            raise
         if user is not None:
+            server.auth_guard.withdraw(session.peer_ip)
             session.authenticated = True
             session.user = session.auth_data = user.policy.name
             session.policy = user.policy  # kept for the session, even across reloads
@@ -1911,7 +2011,7 @@ class _RelaySMTP(SMTP):
         attempted = SMTPAuthHandler.attempted_user(mechanism, credentials)
         log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
                   attempted_user=attempted)
-        locked_now = server.auth_guard.record_failure(session.peer_ip)
+        locked_now = server.auth_guard.locked(session.peer_ip)
         # A pause before each "no" slows guessing; it blocks only this client.
         await asyncio.sleep(server.config.auth_failure_delay)
         if locked_now:
@@ -2189,7 +2289,7 @@ class SMTPRelayServer:
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
                                         self.metrics)
         self.default_policy = default_policy(config)
-        self.authenticator = SMTPAuthHandler(config, self.forwarder.executor)
+        self.authenticator = SMTPAuthHandler(config)  # its own pool for bcrypt
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
@@ -2579,7 +2679,12 @@ def hash_password() -> int:
     if not password:
         print("smtp-relay: empty password", file=sys.stderr)
         return 2
-    print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(12)).decode("ascii"))
+    secret = password.encode("utf-8")
+    if len(secret) > BCRYPT_MAX_PASSWORD:
+        print(f"smtp-relay: note: the password is {len(secret)} bytes; bcrypt uses only "
+              f"the first {BCRYPT_MAX_PASSWORD} (as htpasswd -B does), so any password "
+              "that begins with the same 72 bytes will match", file=sys.stderr)
+    print(bcrypt.hashpw(secret[:BCRYPT_MAX_PASSWORD], bcrypt.gensalt(12)).decode("ascii"))
     return 0
 
 

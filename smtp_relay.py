@@ -1980,6 +1980,11 @@ class _RelaySMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str) -> None:
         server, session = self._relay_server, self.session
+        if self.envelope.mail_from:
+            # RFC 4954 section 4; a trusted client that began MAIL without AUTH would
+            # otherwise mix two policies in one transaction.
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
         if server.auth_guard.locked(session.peer_ip):
             await self._locked_out()
             return

@@ -28,6 +28,7 @@ settings step by step; `hash-password` prints a bcrypt hash for SMTP_AUTH_PASSWO
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import dataclasses
@@ -1952,6 +1953,10 @@ class _RelaySMTP(SMTP):
     tests/test_aiosmtpd_overrides.py fails when an upgrade changes them.
     """
 
+    # Refused commands (5xx) a client that is neither authenticated nor trusted may
+    # send before it is disconnected, as Postfix's smtpd_hard_error_limit.
+    MAX_REFUSED_COMMANDS = 20
+
     def __init__(self, server: SMTPRelayServer, *, implicit_tls: bool = False,
                  **kwargs: Any):
         super().__init__(server.handler, **kwargs)
@@ -1961,6 +1966,7 @@ class _RelaySMTP(SMTP):
         self.claimed_ip: str | None = None  # counted for MAX_CONNECTIONS_PER_IP
         self.over_ip_limit = False
         self._greeted_at: float | None = None
+        self._refused_commands = 0  # 5xx replies while unauthenticated
 
     @property
     def encrypted(self) -> bool:
@@ -2026,6 +2032,70 @@ class _RelaySMTP(SMTP):
             await self._locked_out()
         else:
             await self.push("535 5.7.8 Authentication credentials invalid")
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's, except that an overlong response line is refused (RFC 4954:
+        500 5.5.6) where aiosmtpd's readline raised (a 451 and a traceback). The
+        response is never logged."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        reader = self._reader
+        try:
+            line = await reader.readuntil()
+        except asyncio.IncompleteReadError as error:
+            line = error.partial  # the client closed; connection_lost follows
+        except asyncio.LimitOverrunError as error:
+            while True:  # discard up to the end of the line, as aiosmtpd does
+                await reader.read(error.consumed)
+                try:
+                    await reader.readuntil()
+                    break
+                except asyncio.LimitOverrunError as longer:
+                    error = longer
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except ValueError:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd takes any SIZE value that str.isdigit() likes and then calls int(),
+        # which refuses "\u00b2" (a 451 and a traceback). RFC 1870: ASCII digits.
+        path = self._strip_command_keyword("FROM:", arg) if arg else None
+        if path is not None and self.session.host_name:
+            _, parameters = self._getaddr(path)
+            for parameter in (parameters or "").upper().split():
+                name, equals, value = parameter.partition("=")
+                if name == "SIZE" and equals and not (value.isascii() and value.isdigit()):
+                    await self.push("501 5.5.4 Syntax: SIZE=<size in bytes, digits>")
+                    return
+        await super().smtp_MAIL(arg)
+
+    async def push(self, status: str | bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            # The client is gone or we hung up: nothing more to say. (aiosmtpd would
+            # write on, and a torn-down TLS transport raises AttributeError.)
+            log_event(logging.DEBUG, "client-gone", self.session)
+            raise asyncio.CancelledError
+        await super().push(status)
+        session = self.session
+        if status[:1] in ("5", b"5") and session is not None and not (
+                session.authenticated or session.trusted):
+            self._refused_commands += 1
+            if self._refused_commands >= self.MAX_REFUSED_COMMANDS:
+                log_event(logging.WARNING, "too-many-errors", session,
+                          refused=self._refused_commands)
+                self._hang_up(b"421 4.7.0 Too many errors, closing connection\r\n")
+                raise asyncio.CancelledError
 
     async def _locked_out(self) -> None:
         self._hang_up(b"421 4.7.0 Too many failed logins from your address; try "
@@ -2184,8 +2254,8 @@ class _RelaySMTP(SMTP):
         that never reads would keep its connection (and MAX_CONNECTIONS slot) forever:
         whatever cannot be sent at once is dropped."""
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # closed once already (a second close() breaks a TLS transport)
         transport.write(reply)
         transport.close()
         if transport.get_write_buffer_size():
@@ -2200,8 +2270,13 @@ class _RelaySMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # the client's doing, not ours
-            log_event(logging.WARNING, "tls-failed", self.session,
-                      reason=_describe(error.__cause__ or error))
+            cause = error.__cause__ or error
+            if isinstance(cause, (ConnectionError, ssl.SSLEOFError)):  # it left
+                log_event(logging.DEBUG, "tls-abandoned", self.session,
+                          reason=_describe(cause))
+            else:
+                log_event(logging.WARNING, "tls-failed", self.session,
+                          reason=_describe(cause))
             return "421 4.7.0 TLS handshake failed"  # aiosmtpd closes; nothing sent
         log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
         return "451 4.3.0 Internal error: try again later"

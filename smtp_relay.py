@@ -53,7 +53,7 @@ import sys
 import time
 from asyncio import sslproto
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, AnyStr
 
 import bcrypt
 import prometheus_client
@@ -1963,6 +1963,7 @@ class _RelaySMTP(SMTP):
         self._relay_server = server
         self.implicit_tls = implicit_tls  # the SMTPS listener: TLS from the first byte
         self.connected = False  # connection_made has run (SMTPS: after the handshake)
+        self.raw_transport: asyncio.BaseTransport | None = None  # SMTPS: the TCP one
         self.claimed_ip: str | None = None  # counted for MAX_CONNECTIONS_PER_IP
         self.over_ip_limit = False
         self._greeted_at: float | None = None
@@ -2079,11 +2080,20 @@ class _RelaySMTP(SMTP):
                     return
         await super().smtp_MAIL(arg)
 
-    async def push(self, status: str | bytes) -> None:
+    def _transport_closing(self) -> bool:
+        """The client is gone or we hung up. Under TLS the TCP transport learns first:
+        the TLS one only a loop turn later, and pipelined replies written in between
+        each cost a warning from asyncio."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            # The client is gone or we hung up: nothing more to say. (aiosmtpd would
-            # write on, and a torn-down TLS transport raises AttributeError.)
+            return True
+        raw = self._original_transport or self.raw_transport  # STARTTLS, SMTPS
+        return raw is not None and raw.is_closing()
+
+    async def push(self, status: AnyStr) -> None:
+        if self._transport_closing():
+            # Nothing more to say. (aiosmtpd would write on, and a torn-down TLS
+            # transport raises AttributeError.)
             log_event(logging.DEBUG, "client-gone", self.session)
             raise asyncio.CancelledError
         await super().push(status)
@@ -2254,7 +2264,7 @@ class _RelaySMTP(SMTP):
         that never reads would keep its connection (and MAX_CONNECTIONS slot) forever:
         whatever cannot be sent at once is dropped."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or self._transport_closing():
             return  # closed once already (a second close() breaks a TLS transport)
         transport.write(reply)
         transport.close()
@@ -2332,10 +2342,12 @@ class _SMTPSAcceptor(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         waiter.add_done_callback(self._handshake_done)
+        assert server.tls_context is not None  # SMTPS_PORT set: load_config made sure
         # What create_server(ssl=...) does, with a waiter we can watch.
-        tls = sslproto.SSLProtocol(loop, protocol, server.tls_context, waiter,
-                                   server_side=True,
-                                   ssl_handshake_timeout=server.config.timeout)
+        tls = sslproto.SSLProtocol(
+            loop, protocol, server.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=server.config.timeout)  # type: ignore[arg-type]
+        protocol.raw_transport = transport
         transport.set_protocol(tls)
         tls.connection_made(transport)
 

@@ -18,6 +18,7 @@ inside a transaction, and what strangers can make the relay log.
 5. No traceback from hostile input: a non-ASCII SIZE digit, an overlong AUTH response,
    a TLS client that drops the connection while the relay answers. An unauthenticated
    connection that keeps sending refused commands is closed after a small budget.
+6. The aiosmtpd and asyncio internals the fixes above rely on (fails on an upgrade).
 
 Real relay processes, real sockets on 127.0.0.1, real TLS (trustme); nothing mocked.
 No assertion is about speed: windows are a few TIMEOUTs wide, and the one about CPU
@@ -27,6 +28,7 @@ compares the relay's own CPU time against its own cost of one check.
 from __future__ import annotations
 
 import base64
+import inspect
 import os
 import select
 import signal
@@ -37,10 +39,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from asyncio import sslproto
 from pathlib import Path
 
 import bcrypt
 import pytest
+from aiosmtpd.smtp import SMTP
 from conftest import (
     PASSWORD,
     SMTP_RELAY,
@@ -659,3 +663,26 @@ def test_unauthenticated_flood_of_refused_commands_is_cut_off(start_relay, upstr
     added = relay.log().splitlines()[baseline:]
     assert len(added) <= 30, "\n".join(added)
     assert_no_traceback(relay)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. The aiosmtpd and asyncio internals these fixes lean on
+# ---------------------------------------------------------------------------------------
+
+def test_aiosmtpd_and_asyncio_contracts():
+    # challenge_auth is replaced whole (aiosmtpd's readline raised on a long line).
+    assert list(inspect.signature(SMTP.challenge_auth).parameters) == [
+        "self", "challenge", "encode_to_b64", "log_client_response"]
+    assert "await self._reader.readline()" in inspect.getsource(SMTP.challenge_auth)
+    # smtp_MAIL checks SIZE before aiosmtpd's int(size).
+    assert "self._strip_command_keyword('FROM:', arg)" in inspect.getsource(SMTP.smtp_MAIL)
+    assert "size.isdigit()" in inspect.getsource(SMTP.smtp_MAIL)
+    # push() looks under TLS at the TCP transport STARTTLS keeps here.
+    assert "self._original_transport = self.transport" in inspect.getsource(
+        SMTP.smtp_STARTTLS)
+    assert list(inspect.signature(SMTP.push).parameters) == ["self", "status"]
+    # SMTPS builds the SSLProtocol that create_server(ssl=...) would.
+    parameters = inspect.signature(sslproto.SSLProtocol).parameters
+    assert list(parameters)[:6] == ["loop", "app_protocol", "sslcontext", "waiter",
+                                    "server_side", "server_hostname"]
+    assert "ssl_handshake_timeout" in parameters

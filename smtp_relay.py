@@ -28,6 +28,7 @@ settings step by step; `hash-password` prints a bcrypt hash for SMTP_AUTH_PASSWO
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import dataclasses
@@ -57,8 +58,9 @@ import termios
 import threading
 import time
 import types
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, AnyStr
 
 import bcrypt
 import idna
@@ -148,6 +150,7 @@ class Config:
     relay_pool_idle_seconds: float = 15.0
     relay_pool_max_messages: int = 100
     max_connections: int = 50
+    max_connections_per_ip: int = 0  # 0: no cap per client address
     timeout: float = 60.0
     log_file: str = "logs/smtp-relay.log"
     log_level: str = "INFO"
@@ -390,6 +393,8 @@ def load_config(env: Mapping[str, str]) -> Config:
                                         maximum=3600, integer=False),
         relay_pool_max_messages=_number(env, "RELAY_POOL_MAX_MESSAGES", 100, minimum=1),
         max_connections=_number(env, "MAX_CONNECTIONS", 50, minimum=1, maximum=10000),
+        max_connections_per_ip=_number(env, "MAX_CONNECTIONS_PER_IP", 0, minimum=0,
+                                       maximum=10000),
         timeout=_number(env, "TIMEOUT", 60.0, minimum=1, maximum=3600, integer=False),
         log_file=_text(env, "LOG_FILE", "logs/smtp-relay.log"),
         log_level=_text(env, "LOG_LEVEL", "INFO").upper(),
@@ -912,20 +917,42 @@ def load_users(config: Config) -> dict[str, User]:
     return users
 
 
+BCRYPT_WORKERS = max(2, min(4, os.cpu_count() or 2))
+BCRYPT_CHECKS_PER_ADDRESS = max(1, BCRYPT_WORKERS // 2)
+BCRYPT_MAX_PASSWORD = 72  # bytes bcrypt reads; `htpasswd -B` ignores the rest
+
+
+class _Gate:
+    """A per-address semaphore, kept only while someone uses it."""
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(BCRYPT_CHECKS_PER_ADDRESS)
+        self.users = 0
+
+
 class SMTPAuthHandler:
     """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the configured user.
 
     aiosmtpd calls an authenticator synchronously, but a bcrypt check takes a good part
     of a second, so `__call__` only captures the credentials and `verify` (awaited by
-    the protocol's smtp_AUTH) checks them, bcrypt in a worker thread. Name and password
-    are both compared in constant time, so timing says nothing about which was wrong.
+    the protocol's smtp_AUTH) checks them. Name and password are both compared in
+    constant time, so timing says nothing about which was wrong.
+
+    bcrypt runs on its own small pool (never the one that carries deliveries), at most
+    BCRYPT_CHECKS_PER_ADDRESS at a time for one client address. A check waits for its
+    turn here, not in the pool's queue, so the check of a client that left while
+    waiting never runs; a running check keeps its turn until bcrypt returns.
     """
 
-    def __init__(self, config: Config, executor: concurrent.futures.Executor):
+    def __init__(self, config: Config, executor: concurrent.futures.Executor | None = None):
         self.users = load_users(config)
-        self._executor = executor
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=BCRYPT_WORKERS, thread_name_prefix="bcrypt")
+        self._workers = asyncio.Semaphore(BCRYPT_WORKERS)
+        self._gates: dict[str, _Gate] = {}
         # Keyed digests of (user, password) pairs bcrypt already accepted, so a busy
         # client does not cost a bcrypt run per connection. Never the password itself.
+        # One set per users generation: reload() starts a new one.
         self._cache_key = secrets.token_bytes(32)
         self._accepted: set[bytes] = set()
         self._dummy_hash = b""  # made on first need (see _hash_for_unknown_names)
@@ -941,8 +968,21 @@ class SMTPAuthHandler:
         session.credentials = (mechanism, auth_data)
         return AuthResult(success=False, handled=True)  # the protocol answers
 
-    async def verify(self, mechanism: str, credentials: Any) -> User | None:
-        """The user these credentials prove, or None."""
+    async def verify(self, mechanism: str, credentials: Any, address: str = ""
+                     ) -> User | None:
+        """The user these credentials prove, or None. `address` is the client's, for
+        the limit on concurrent checks per address."""
+        for _ in range(3):
+            generation = self._accepted
+            user = await self._verify(mechanism, credentials, address)
+            if self._accepted is generation:
+                return user
+            # SIGHUP reloaded the users during the check: the verdict was about users
+            # that are gone. Check against the new ones.
+        return None
+
+    async def _verify(self, mechanism: str, credentials: Any, address: str
+                      ) -> User | None:
         if mechanism == "CRAM-MD5":
             login, challenge, digest = credentials
             user = self.users.get(login.decode("utf-8", "replace"))
@@ -956,21 +996,64 @@ class SMTPAuthHandler:
         if user is not None and user.password:
             ok = hmac.compare_digest(credentials.password, user.password)
             return user if ok else None
+        accepted = self._accepted  # this generation's
         cache_key = hmac.new(self._cache_key, credentials.login + b"\0" +
                              credentials.password, "sha256").digest()
-        if user is not None and cache_key in self._accepted:
+        if user is not None and cache_key in accepted:
             return user
-        loop = asyncio.get_running_loop()
         hashed = user.password_hash if user is not None else \
-            await loop.run_in_executor(self._executor, self._hash_for_unknown_names)
+            await self._in_pool(address, self._hash_for_unknown_names)
         if not hashed:
             return None
-        ok = await loop.run_in_executor(self._executor, bcrypt.checkpw,
-                                        credentials.password, hashed)
+        # bcrypt reads 72 bytes (bcrypt 5 refuses more): what `htpasswd -B` hashed.
+        ok = await self._in_pool(address, bcrypt.checkpw,
+                                 credentials.password[:BCRYPT_MAX_PASSWORD], hashed)
         if ok and user is not None:
-            self._accepted.add(cache_key)
+            accepted.add(cache_key)
             return user
         return None
+
+    async def _in_pool(self, address: str, function: Callable, *args: Any) -> Any:
+        """function(*args) on the bcrypt pool, once this address and the pool have a
+        free turn. Cancelled while waiting: it never runs."""
+        gate = self._gates.get(address)
+        if gate is None:
+            gate = self._gates[address] = _Gate()
+        gate.users += 1
+        try:
+            await gate.semaphore.acquire()
+            try:
+                await self._workers.acquire()
+            except BaseException:
+                gate.semaphore.release()
+                raise
+        except BaseException:
+            self._leave(address, gate)
+            raise
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                function, *args)
+        except BaseException:  # the pool is shut down: stopping
+            self._workers.release()
+            gate.semaphore.release()
+            self._leave(address, gate)
+            raise
+        future.add_done_callback(functools.partial(self._check_done, address, gate))
+        # Shielded: a client that leaves does not end the check early, so its turn
+        # stays taken until bcrypt returns.
+        return await asyncio.shield(future)
+
+    def _check_done(self, address: str, gate: _Gate, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved, even when its client is gone
+        self._workers.release()
+        gate.semaphore.release()
+        self._leave(address, gate)
+
+    def _leave(self, address: str, gate: _Gate) -> None:
+        gate.users -= 1
+        if gate.users == 0 and self._gates.get(address) is gate:
+            del self._gates[address]
 
     def _hash_for_unknown_names(self) -> bytes:
         """A hash as costly as the users' own, so that an unknown name takes as long
@@ -1025,9 +1108,22 @@ class AuthGuard:
         failures.append(now)
         if len(failures) < self.max_failures:
             return False
-        del self._failures[address]
+        # The failures stay (until they age out): withdraw() may take one back. They
+        # are all older than the window when the lock-out ends, so none counts again.
         self._locked_until[address] = now + self.window
         return True
+
+    def withdraw(self, address: str) -> None:
+        """Take back a failure counted before its check (record_failure): the
+        credentials were right. A lock-out it completed is lifted too."""
+        failures = self._failures.get(address)
+        if not failures:
+            return
+        failures.pop()
+        if len(failures) < self.max_failures:
+            self._locked_until.pop(address, None)
+        if not failures:
+            del self._failures[address]
 
     def _forget_before(self, oldest: float) -> None:
         for address in [a for a, f in self._failures.items() if f[-1] < oldest]:
@@ -2371,6 +2467,10 @@ class _RelaySMTP(SMTP):
     upgrade changes them.
     """
 
+    # Refused commands (5xx) a client that is neither authenticated nor trusted may
+    # send before it is disconnected, as Postfix's smtpd_hard_error_limit.
+    MAX_REFUSED_COMMANDS = 20
+
     def __init__(self, server: SMTPRelayServer, *, implicit_tls: bool = False,
                  **kwargs: Any):
         template = server.protocol_templates.get(implicit_tls)
@@ -2381,6 +2481,12 @@ class _RelaySMTP(SMTP):
             server.protocol_templates[implicit_tls] = _ProtocolTemplate(self)
         self._relay_server = server
         self.implicit_tls = implicit_tls  # the SMTPS listener: TLS from the first byte
+        self.connected = False  # connection_made has run (SMTPS: after the handshake)
+        self.raw_transport: asyncio.BaseTransport | None = None  # SMTPS: the TCP one
+        self.claimed_ip: str | None = None  # counted for MAX_CONNECTIONS_PER_IP
+        self.over_ip_limit = False
+        self._greeted_at: float | None = None
+        self._refused_commands = 0  # 5xx replies while unauthenticated
 
     @property
     def encrypted(self) -> bool:
@@ -2389,7 +2495,133 @@ class _RelaySMTP(SMTP):
     _unsent = b""  # reply lines kept for the next write (see push)
     _in_group = False  # answering RSET, MAIL or RCPT
 
-    async def push(self, status: str | bytes) -> None:
+    smtp_RSET = _answered_in_groups(SMTP.smtp_RSET)  # smtp_MAIL: see below
+    smtp_RCPT = _answered_in_groups(SMTP.smtp_RCPT)
+
+    async def _handle_client(self) -> None:
+        # The connection checker: before the greeting, refuse clients from outside
+        # ALLOWED_CLIENT_NETWORKS, over MAX_CONNECTIONS_PER_IP, and addresses locked
+        # out for guessing passwords.
+        session = self.session
+        refusal = self._relay_server.connection_refusal(session, self.over_ip_limit)
+        if refusal is not None:
+            self._hang_up(refusal.encode() + b"\r\n")
+            return
+        self._greeted_at = time.monotonic()
+        await super()._handle_client()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        server, session = self._relay_server, self.session
+        if self.envelope.mail_from:
+            # RFC 4954 section 4; a trusted client that began MAIL without AUTH would
+            # otherwise mix two policies in one transaction.
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        if server.auth_guard.locked(session.peer_ip):
+            await self._locked_out()
+            return
+        session.credentials = None
+        await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
+        if session.credentials is None:
+            return  # aiosmtpd already answered (syntax error, abort, already done)
+        mechanism, credentials = session.credentials
+        session.credentials = None
+        # Counted as a failure before the check and taken back if it succeeds: a client
+        # that leaves during the check (bcrypt runs on) is still counted.
+        server.auth_guard.record_failure(session.peer_ip)
+        try:
+            user = await server.authenticator.verify(mechanism, credentials,
+                                                     session.peer_ip)
+        except asyncio.CancelledError:
+            log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
+            raise
+        if user is not None:
+            server.auth_guard.withdraw(session.peer_ip)
+            session.authenticated = True
+            session.user = session.auth_data = user.policy.name
+            session.policy = user.policy  # kept for the session, even across reloads
+            server.metrics.auth.labels("success").inc()
+            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
+            await self.push("235 2.7.0 Authentication successful")
+            return
+        server.metrics.auth.labels("failure").inc()
+        attempted = SMTPAuthHandler.attempted_user(mechanism, credentials)
+        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
+                  attempted_user=attempted)
+        locked_now = server.auth_guard.locked(session.peer_ip)
+        # A pause before each "no" slows guessing; it blocks only this client.
+        await asyncio.sleep(server.config.auth_failure_delay)
+        if locked_now:
+            log_event(logging.ERROR, "auth-locked-out", session,
+                      failures=server.config.auth_max_failures,
+                      seconds=server.config.auth_failure_window)
+            await self._locked_out()
+        else:
+            await self.push("535 5.7.8 Authentication credentials invalid")
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's, except that an overlong response line is refused (RFC 4954:
+        500 5.5.6) where aiosmtpd's readline raised (a 451 and a traceback). The
+        response is never logged."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        reader = self._reader
+        try:
+            line = await reader.readuntil()
+        except asyncio.IncompleteReadError as error:
+            line = error.partial  # the client closed; connection_lost follows
+        except asyncio.LimitOverrunError as error:
+            while True:  # discard up to the end of the line, as aiosmtpd does
+                await reader.read(error.consumed)
+                try:
+                    await reader.readuntil()
+                    break
+                except asyncio.LimitOverrunError as longer:
+                    error = longer
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # the client cancels
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except ValueError:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    @_answered_in_groups
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd takes any SIZE value that str.isdigit() likes and then calls int(),
+        # which refuses "\u00b2" (a 451 and a traceback). RFC 1870: ASCII digits.
+        path = self._strip_command_keyword("FROM:", arg) if arg else None
+        if path is not None and self.session.host_name:
+            _, parameters = self._getaddr(path)
+            for parameter in (parameters or "").upper().split():
+                name, equals, value = parameter.partition("=")
+                if name == "SIZE" and equals and not (value.isascii() and value.isdigit()):
+                    await self.push("501 5.5.4 Syntax: SIZE=<size in bytes, digits>")
+                    return
+        await super().smtp_MAIL(arg)
+
+    def _transport_closing(self) -> bool:
+        """The client is gone or we hung up. Under TLS the TCP transport learns first:
+        the TLS one only a loop turn later, and pipelined replies written in between
+        each cost a warning from asyncio."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        raw = self._original_transport or self.raw_transport  # STARTTLS, SMTPS
+        return raw is not None and raw.is_closing()
+
+    async def push(self, status: AnyStr) -> None:
+        if self._transport_closing():
+            # Nothing more to say. (aiosmtpd would write on, and a torn-down TLS
+            # transport raises AttributeError.)
+            log_event(logging.DEBUG, "client-gone", self.session)
+            raise asyncio.CancelledError
         # Each write is a TCP segment and a wake-up for the client (and for us a
         # system call, at which the upstream threads take the GIL). So:
         # - a multi-line reply (EHLO's; aiosmtpd pushes it a line at a time) goes
@@ -2402,60 +2634,19 @@ class _RelaySMTP(SMTP):
         pending = self._reader._buffer  # type: ignore[attr-defined]
         if reply[3:4] == b"-" or (self._in_group and b"\n" in pending):
             self._unsent += reply + b"\r\n"
-            return
-        if self._unsent:
-            reply, self._unsent = self._unsent + reply, b""
-        await super().push(reply)
-
-    smtp_RSET = _answered_in_groups(SMTP.smtp_RSET)
-    smtp_MAIL = _answered_in_groups(SMTP.smtp_MAIL)
-    smtp_RCPT = _answered_in_groups(SMTP.smtp_RCPT)
-
-    async def _handle_client(self) -> None:
-        # The connection checker: before the greeting, refuse clients from outside
-        # ALLOWED_CLIENT_NETWORKS and addresses locked out for guessing passwords.
-        session = self.session
-        refusal = self._relay_server.connection_refusal(session)
-        if refusal is not None:
-            self.transport.write(refusal.encode() + b"\r\n")
-            self.transport.close()
-            return
-        await super()._handle_client()
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        server, session = self._relay_server, self.session
-        if server.auth_guard.locked(session.peer_ip):
-            await self._locked_out()
-            return
-        session.credentials = None
-        await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
-        if session.credentials is None:
-            return  # aiosmtpd already answered (syntax error, abort, already done)
-        mechanism, credentials = session.credentials
-        session.credentials = None
-        user = await server.authenticator.verify(mechanism, credentials)
-        if user is not None:
-            session.authenticated = True
-            session.user = session.auth_data = user.policy.name
-            session.policy = user.policy  # kept for the session, even across reloads
-            server.metrics.auth.labels("success").inc()
-            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
-            await self.push("235 2.7.0 Authentication successful")
-            return
-        server.metrics.auth.labels("failure").inc()
-        attempted = SMTPAuthHandler.attempted_user(mechanism, credentials)
-        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
-                  attempted_user=attempted)
-        locked_now = server.auth_guard.record_failure(session.peer_ip)
-        # A pause before each "no" slows guessing; it blocks only this client.
-        await asyncio.sleep(server.config.auth_failure_delay)
-        if locked_now:
-            log_event(logging.ERROR, "auth-locked-out", session,
-                      failures=server.config.auth_max_failures,
-                      seconds=server.config.auth_failure_window)
-            await self._locked_out()
         else:
-            await self.push("535 5.7.8 Authentication credentials invalid")
+            if self._unsent:
+                reply, self._unsent = self._unsent + reply, b""
+            await super().push(reply)
+        session = self.session
+        if status[:1] in ("5", b"5") and session is not None and not (
+                session.authenticated or session.trusted):
+            self._refused_commands += 1
+            if self._refused_commands >= self.MAX_REFUSED_COMMANDS:
+                log_event(logging.WARNING, "too-many-errors", session,
+                          refused=self._refused_commands)
+                self._hang_up(b"421 4.7.0 Too many errors, closing connection\r\n")
+                raise asyncio.CancelledError
 
     async def _locked_out(self) -> None:
         self._hang_up(b"421 4.7.0 Too many failed logins from your address; try "
@@ -2486,9 +2677,9 @@ class _RelaySMTP(SMTP):
         self.session.trusted = trusted
         if trusted:
             self.session.policy = self._relay_server.default_policy
-        # Counted once connected: on SMTPS only after the TLS handshake succeeded (a
-        # failed handshake never reaches connection_made or connection_lost).
-        self._relay_server.connections.add(self)
+        if not self.connected:  # the first time (STARTTLS comes through here again)
+            self.connected = True
+            self._relay_server.claim_address(self, transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -2505,12 +2696,28 @@ class _RelaySMTP(SMTP):
         super().data_received(data)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
+        now = time.monotonic()
+        command = False
         if duration is None and self.session is not None:  # aiosmtpd: a valid command
-            self.session.active_at = time.monotonic()
-            handle = self._timeout_handle
-            if handle is not None and not handle.cancelled():
-                return  # _timeout_cb counts from active_at, and re-arms when early
+            self.session.active_at = now
+            command = True
+        deadline = self._auth_deadline()
+        if deadline is not None:  # commands do not push it back
+            duration = min(duration or self._timeout_duration, max(0.05, deadline - now))
+        handle = self._timeout_handle
+        if command and handle is not None and not handle.cancelled() and (
+                handle.when() <= self.loop.time() + (duration or self._timeout_duration)):
+            return  # it fires first: _timeout_cb counts from active_at, and re-arms
         super()._reset_timeout(duration)
+
+    def _auth_deadline(self) -> float | None:
+        """When a client that is neither authenticated nor trusted is cut off: TIMEOUT
+        after its greeting, however busy it keeps the connection (NOOPs, refusals)."""
+        session = self.session
+        if self._greeted_at is None or session is None or session.authenticated or \
+                session.trusted:
+            return None
+        return self._greeted_at + self._timeout_duration
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses paths with the email package's RFC 5322 header parser, which
@@ -2596,20 +2803,28 @@ class _RelaySMTP(SMTP):
         # without a word. A client waiting for the upstream is not idle, nor is one
         # still sending DATA; an idle one is told why it is disconnected.
         session = self.session
-        idle = time.monotonic() - (session.active_at if session is not None else 0.0)
-        if (session is not None and session.busy) or idle < self._timeout_duration:
+        now = time.monotonic()
+        idle = now - (session.active_at if session is not None else 0.0)
+        deadline = self._auth_deadline()
+        busy = session is not None and session.busy
+        if busy or (idle < self._timeout_duration and (deadline is None or now < deadline)):
             self._reset_timeout(max(0.05, self._timeout_duration - idle))
             return
-        log_event(logging.INFO, "idle-timeout", session)
-        self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        if idle >= self._timeout_duration:
+            log_event(logging.INFO, "idle-timeout", session)
+            self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
+            return
+        log_event(logging.INFO, "auth-timeout", session)
+        self._hang_up(f"421 4.7.0 No AUTH within {self._timeout_duration:g} s of "
+                      "connecting, closing connection\r\n".encode())
 
     def _hang_up(self, reply: bytes) -> None:
         """Say why and close. close() waits for the write buffer to drain, so a client
         that never reads would keep its connection (and MAX_CONNECTIONS slot) forever:
         whatever cannot be sent at once is dropped."""
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or self._transport_closing():
+            return  # closed once already (a second close() breaks a TLS transport)
         transport.write(self._unsent + reply)
         self._unsent = b""
         transport.close()
@@ -2625,8 +2840,13 @@ class _RelaySMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):  # the client's doing, not ours
-            log_event(logging.WARNING, "tls-failed", self.session,
-                      reason=_describe(error.__cause__ or error))
+            cause = error.__cause__ or error
+            if isinstance(cause, (ConnectionError, ssl.SSLEOFError)):  # it left
+                log_event(logging.DEBUG, "tls-abandoned", self.session,
+                          reason=_describe(cause))
+            else:
+                log_event(logging.WARNING, "tls-failed", self.session,
+                          reason=_describe(cause))
             return "421 4.7.0 TLS handshake failed"  # aiosmtpd closes; nothing sent
         log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
         return "451 4.3.0 Internal error: try again later"
@@ -2650,11 +2870,62 @@ def cannot_listen(variables: str, host: str, port: int, error: OSError) -> Confi
 
 
 class _TooManyConnections(asyncio.Protocol):
-    """Answers one connection over MAX_CONNECTIONS and hangs up."""
+    """Answers one connection over MAX_CONNECTIONS and hangs up. On SMTPS it hangs up
+    without a word: the client expects a TLS handshake, and a refusal must not cost
+    one."""
+
+    def __init__(self, reply: bool = True):
+        self.reply = reply
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        if self.reply:
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
         transport.close()
+
+
+class _SMTPSAcceptor(asyncio.Protocol):
+    """SMTPS, TLS from the first byte: the handshake of one accepted connection, which
+    already holds its MAX_CONNECTIONS slot, then the SMTP protocol takes the TLS
+    transport. (asyncio's own `ssl=` listener never tells the protocol about a handshake
+    that failed or timed out, so the slot could not be given back.)"""
+
+    def __init__(self, server: SMTPRelayServer, protocol: _RelaySMTP):
+        self._server = server
+        self._protocol = protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server, protocol = self._server, self._protocol
+        if not server.claim_address(protocol, transport):
+            server.refused_over_ip_limit(None, protocol.claimed_ip)
+            transport.close()  # connection_lost gives the slot back
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_done)
+        assert server.tls_context is not None  # SMTPS_PORT set: load_config made sure
+        # What create_server(ssl=...) does, with a waiter we can watch.
+        tls = sslproto.SSLProtocol(
+            loop, protocol, server.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=server.config.timeout)  # type: ignore[arg-type]
+        protocol.raw_transport = transport
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._server.connection_closed(self._protocol)  # refused before the handshake
+
+    def _handshake_done(self, waiter: asyncio.Future) -> None:
+        error = None if waiter.cancelled() else waiter.exception()
+        if self._protocol.connected:
+            return  # the SMTP session has the connection (and gives the slot back)
+        peer = self._protocol.claimed_ip
+        if isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError):
+            log_event(logging.WARNING, "tls-failed", peer=peer, port="SMTPS",
+                      reason=_describe(error))
+        else:  # gone, or silent until the handshake timeout
+            log_event(logging.DEBUG, "tls-abandoned", peer=peer, port="SMTPS",
+                      reason=_describe(error) if error is not None else "closed")
+        self._server.connection_closed(self._protocol)
 
 
 class SMTPRelayServer:
@@ -2670,14 +2941,15 @@ class SMTPRelayServer:
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
                                         self.metrics)
         self.default_policy = default_policy(config)
-        self.authenticator = SMTPAuthHandler(config, self.forwarder.executor)
+        self.authenticator = SMTPAuthHandler(config)  # its own pool for bcrypt
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
         if self.tls_context is not None:  # the listeners' context, for good
             self._certificate = self.tls_context  # the one handshakes use (reload_tls)
             self.tls_context.sni_callback = self._use_current_certificate
-        self.connections: set[_RelaySMTP] = set()
+        self.connections: set[_RelaySMTP] = set()  # from accept to close: the slots
+        self._per_ip: collections.Counter[str] = collections.Counter()
         self.protocol_templates: dict[bool, _ProtocolTemplate] = {}  # by implicit_tls
         self._servers: list[asyncio.AbstractServer] = []
         self._smtp_options = {
@@ -2704,16 +2976,44 @@ class SMTPRelayServer:
                                "require_starttls": False, "auth_require_tls": False}
 
     def _make_protocol(self, implicit_tls: bool = False) -> asyncio.Protocol:
+        # The factory runs as each connection is accepted, several in one go when they
+        # come at once (connection_made follows a loop turn later; on SMTPS only after
+        # the handshake): the slot is taken here, and given back in connection_closed.
         if len(self.connections) >= self.config.max_connections:
             self.metrics.connections_refused.labels("max_connections").inc()
             log_event(logging.WARNING, "connection-refused",
                       reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
-            return _TooManyConnections()
+            return _TooManyConnections(reply=not implicit_tls)
         options = self._smtps_options if implicit_tls else self._smtp_options
-        return _RelaySMTP(self, implicit_tls=implicit_tls,
-                          loop=asyncio.get_running_loop(), **options)
+        protocol = _RelaySMTP(self, implicit_tls=implicit_tls,
+                              loop=asyncio.get_running_loop(), **options)
+        self.connections.add(protocol)
+        return _SMTPSAcceptor(self, protocol) if implicit_tls else protocol
 
-    def connection_refusal(self, session: Session) -> str | None:
+    def claim_address(self, protocol: _RelaySMTP, transport: asyncio.BaseTransport
+                      ) -> bool:
+        """Count the connection for its address (MAX_CONNECTIONS_PER_IP, once per
+        connection); False when that puts the address over the cap."""
+        limit = self.config.max_connections_per_ip
+        if not limit or protocol.claimed_ip is not None:
+            return not protocol.over_ip_limit
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        protocol.claimed_ip = address
+        self._per_ip[address] += 1
+        protocol.over_ip_limit = self._per_ip[address] > limit
+        return not protocol.over_ip_limit
+
+    def refused_over_ip_limit(self, session: Session | None, peer: str | None) -> str:
+        self.metrics.connections_refused.labels("max_connections_per_ip").inc()
+        log_event(logging.WARNING, "connection-refused", session,
+                  **({} if session is not None else {"peer": peer}),
+                  reason="MAX_CONNECTIONS_PER_IP reached",
+                  limit=self.config.max_connections_per_ip)
+        return "421 4.7.0 Too many connections from your address, try again later"
+
+    def connection_refusal(self, session: Session, over_ip_limit: bool = False
+                           ) -> str | None:
         """The connection checker: None to serve this client, else the reply."""
         try:
             address = ipaddress.ip_address(session.peer_ip.split("%")[0])
@@ -2727,6 +3027,8 @@ class SMTPRelayServer:
             log_event(logging.WARNING, "connection-refused", session,
                       reason="not in ALLOWED_CLIENT_NETWORKS")
             return "554 5.7.1 Your address is not allowed to use this relay"
+        if over_ip_limit:
+            return self.refused_over_ip_limit(session, session.peer_ip)
         if self.auth_guard.locked(session.peer_ip):
             self.metrics.connections_refused.labels("locked_out").inc()
             log_event(logging.WARNING, "connection-refused", session,
@@ -2740,15 +3042,23 @@ class SMTPRelayServer:
         return None
 
     def connection_closed(self, protocol: _RelaySMTP) -> None:
+        """Give back what the connection took when it was accepted (once)."""
+        if protocol not in self.connections:
+            return
         self.connections.discard(protocol)
+        address = protocol.claimed_ip
+        if address is not None:
+            left = self._per_ip[address] - 1
+            if left > 0:
+                self._per_ip[address] = left
+            else:
+                del self._per_ip[address]
 
     async def start(self) -> None:
         await self._listen("LISTEN_PORT", self.config.listen_port, self._make_protocol)
         if self.config.smtps_port is not None:
             await self._listen("SMTPS_PORT", self.config.smtps_port,
-                               lambda: self._make_protocol(implicit_tls=True),
-                               ssl=self.tls_context,
-                               ssl_handshake_timeout=self.config.timeout)
+                               lambda: self._make_protocol(implicit_tls=True))
 
     async def _listen(self, name: str, port: int, factory: Callable,
                       **options: Any) -> None:
@@ -3050,7 +3360,12 @@ def hash_password() -> int:
     if not password:
         print("smtp-relay: empty password", file=sys.stderr)
         return 2
-    print(bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(12)).decode("ascii"))
+    secret = password.encode("utf-8")
+    if len(secret) > BCRYPT_MAX_PASSWORD:
+        print(f"smtp-relay: note: the password is {len(secret)} bytes; bcrypt uses only "
+              f"the first {BCRYPT_MAX_PASSWORD} (as htpasswd -B does), so any password "
+              "that begins with the same 72 bytes will match", file=sys.stderr)
+    print(bcrypt.hashpw(secret[:BCRYPT_MAX_PASSWORD], bcrypt.gensalt(12)).decode("ascii"))
     return 0
 
 

@@ -164,7 +164,10 @@ def test_the_template_does_not_keep_the_first_connection_alive(tmp_path):
     async def build():
         server = _relay_server(tmp_path)
         try:
-            first = weakref.ref(server._make_protocol())
+            protocol = server._make_protocol()
+            server.connections.discard(protocol)  # the slot, as when it closes
+            first = weakref.ref(protocol)
+            del protocol
             gc.collect()
             return first, server.protocol_templates
         finally:
@@ -199,7 +202,10 @@ def test_grouped_commands_keep_aiosmtpd_behaviour():
     # replies go through push, and the next command line waits in _reader._buffer.
     for name in ("smtp_RSET", "smtp_MAIL", "smtp_RCPT"):
         ours, theirs = getattr(smtp_relay._RelaySMTP, name), getattr(SMTP, name)
-        assert ours.__wrapped__ is theirs
+        # (smtp_MAIL wraps the relay's own, which checks SIZE and calls aiosmtpd's.)
+        assert ours.__wrapped__ is theirs or (
+            name == "smtp_MAIL" and "await super().smtp_MAIL(arg)" in
+            inspect.getsource(ours.__wrapped__))
         assert ours.__smtp_syntax__ == theirs.__smtp_syntax__
         assert ours.__smtp_syntax_extended__ == theirs.__smtp_syntax_extended__
         assert "self.transport.write" not in inspect.getsource(theirs)

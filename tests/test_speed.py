@@ -114,6 +114,11 @@ def test_idle_client_is_still_told_and_dropped(tmp_path):
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             replies = [(await reader.readline()).decode()]
+            # Authenticated: otherwise TIMEOUT counts from the greeting, commands or not.
+            writer.write(b"EHLO client.test\r\nAUTH PLAIN AHVzZXIAcHctMDEyMzQ1Njc4OQ==\r\n")
+            while not (line := await reader.readline()).startswith(b"250 "):
+                pass
+            assert (await reader.readline()).startswith(b"235")
             for _ in range(3):  # 1.5 s of commands: past the first timer's deadline
                 await asyncio.sleep(0.5)
                 writer.write(b"NOOP\r\n")
@@ -320,3 +325,35 @@ def test_long_line_scan_examples():
     assert smtp_relay.long_line_in(b"y" * 999, 999)  # the last line, no CRLF yet
     assert not smtp_relay.long_line_in(b"y" * 500 + b"\r" + b"y" * 600, 999)
     assert smtp_relay.long_line_in(b"ab\r\n" * 250_000 + b"z" * 5000, 999)
+
+
+def test_commands_do_not_push_back_the_auth_deadline(tmp_path):
+    # One timer a connection still cuts off a client that never authenticates TIMEOUT
+    # after the greeting, however busy it keeps the connection.
+    import asyncio
+    import time
+
+    import smtp_relay
+
+    async def run() -> tuple[float, list[str]]:
+        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            replies = [(await reader.readline()).decode()]
+            greeted = time.monotonic()
+            while time.monotonic() - greeted < 10:
+                writer.write(b"NOOP\r\n")
+                line = await reader.readline()
+                replies.append(line.decode())
+                if not line.startswith(b"250"):
+                    break
+                await asyncio.sleep(0.2)
+            writer.close()
+            return time.monotonic() - greeted, replies
+        finally:
+            await server.stop()
+
+    elapsed, replies = asyncio.run(run())
+    assert replies[-1].startswith("421 4.7.0 No AUTH within 1 s"), replies
+    assert 0.9 <= elapsed < 10

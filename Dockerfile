@@ -21,6 +21,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
     && setpriv --version
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 COPY smtp_relay.py .
+COPY relay relay
 
 # Unprivileged by default. Started as root instead (docker-compose.yml's prepare-dirs, or
 # `docker run --user 0`), the entrypoint gives the mounted log and spool directories to

@@ -46,16 +46,15 @@ from conftest import (
 )
 
 import smtp_relay
-from smtp_relay import (
+from relay.policy import (
     AddressError,
-    AuthGuard,
-    ConfigError,
-    RateLimiter,
     count_received_headers,
     header_block,
     header_from_domains,
-    load_config,
 )
+from relay.ratelimit import RateLimiter
+from relay.settings import BCRYPT_HASH, ConfigError, load_config
+from relay.users import AuthGuard
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -314,7 +313,7 @@ def test_hash_password_command_prints_a_bcrypt_hash(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     hashed = lines[0]
-    assert smtp_relay._BCRYPT_HASH.fullmatch(hashed), hashed
+    assert BCRYPT_HASH.fullmatch(hashed), hashed
     assert bcrypt.checkpw(b"correct horse", hashed.encode())
     assert not bcrypt.checkpw(b"correct horse\n", hashed.encode())
     assert "correct horse" not in result.stdout + result.stderr
@@ -1019,10 +1018,10 @@ def test_rate_limit_storage_error_names_the_variable():
 
 def test_default_password_warning_only_without_a_hash(caplog):
     with caplog.at_level("WARNING", logger="smtp_relay"):
-        smtp_relay._startup_warnings(load_config({}))
+        smtp_relay.startup_warnings(load_config({}))
     assert "is the default" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="smtp_relay"):
-        smtp_relay._startup_warnings(load_config({"SMTP_AUTH_PASSWORD_HASH":
+        smtp_relay.startup_warnings(load_config({"SMTP_AUTH_PASSWORD_HASH":
                                                   make_hash()}))
     assert "is the default" not in caplog.text

@@ -15,6 +15,8 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP, Session
 
 import smtp_relay
+from relay.protocol import RelaySession, RelaySMTP
+from relay.settings import load_config
 
 
 def test_aiosmtpd_is_the_pinned_version():
@@ -36,7 +38,7 @@ def test_timeout_callback_contract():
     assert list(inspect.signature(SMTP._reset_timeout).parameters) == ["self", "duration"]
     assert "self._reset_timeout()" in inspect.getsource(SMTP._handle_client)
     assert "self._timeout_cb" in inspect.getsource(SMTP._reset_timeout)
-    # ...and it keeps the one timer in _timeout_handle (_RelaySMTP reuses it).
+    # ...and it keeps the one timer in _timeout_handle (RelaySMTP reuses it).
     assert "self._timeout_handle = self.loop.call_later(" in inspect.getsource(
         SMTP._reset_timeout)
     assert "_timeout_duration" in inspect.getsource(SMTP.__init__)
@@ -51,7 +53,7 @@ def test_data_reader_contract():
 
 def test_session_factory_contract():
     assert "self._create_session()" in inspect.getsource(SMTP.connection_made)
-    assert issubclass(smtp_relay.RelaySession, Session)
+    assert issubclass(RelaySession, Session)
 
 
 def test_handle_client_and_starttls_contracts():
@@ -87,11 +89,11 @@ def test_login_data_property_still_warns():
     assert isinstance(inspect.getattr_static(Session, "login_data"), property)
 
 
-# _RelaySMTP builds a connection's protocol from what aiosmtpd's SMTP.__init__ worked out
+# RelaySMTP builds a connection's protocol from what aiosmtpd's SMTP.__init__ worked out
 # for the first one (its introspection costs ~230 us per connection).
 
 def _relay_server(tmp_path):
-    config = smtp_relay.load_config({
+    config = load_config({
         "SMTP_AUTH_USERNAME": "user", "SMTP_AUTH_PASSWORD": "pw-0123456789",
         "ALLOWED_FROM_DOMAINS": "example.com", "ALLOWED_TO_DOMAINS": "example.com",
         "RELAY_HOST": "127.0.0.1", "LOG_FILE": str(tmp_path / "relay.log"),
@@ -133,7 +135,7 @@ def test_protocols_after_the_first_skip_aiosmtpd_introspection(tmp_path, monkeyp
         finally:
             await server.forwarder.close()
     first, calls = asyncio.run(build())
-    assert isinstance(first, smtp_relay._RelaySMTP)
+    assert isinstance(first, RelaySMTP)
     assert calls == []
 
 
@@ -157,7 +159,7 @@ def test_protocol_from_the_template_matches_aiosmtpd_init(tmp_path):
                 name == "_strong_reader"):
             assert other is not value, name
     assert second._stream_reader is not first._stream_reader
-    assert second._smtp_methods["DATA"].__func__ is smtp_relay._RelaySMTP.smtp_DATA
+    assert second._smtp_methods["DATA"].__func__ is RelaySMTP.smtp_DATA
 
 
 def test_the_template_does_not_keep_the_first_connection_alive(tmp_path):
@@ -188,7 +190,7 @@ def test_what_the_template_copies_is_fixed_by_the_options():
 
 
 def test_push_contract():
-    # _RelaySMTP.push hands aiosmtpd's push bytes (whole replies, several lines joined
+    # RelaySMTP.push hands aiosmtpd's push bytes (whole replies, several lines joined
     # by CRLF) and encodes str as aiosmtpd does; EHLO's lines come one push each.
     push = inspect.getsource(SMTP.push)
     assert "status, 'utf-8' if self.enable_SMTPUTF8 else 'ascii')" in push
@@ -201,7 +203,7 @@ def test_grouped_commands_keep_aiosmtpd_behaviour():
     # smtp_RSET/MAIL/RCPT are aiosmtpd's own, wrapped (the HELP text copied); their
     # replies go through push, and the next command line waits in _reader._buffer.
     for name in ("smtp_RSET", "smtp_MAIL", "smtp_RCPT"):
-        ours, theirs = getattr(smtp_relay._RelaySMTP, name), getattr(SMTP, name)
+        ours, theirs = getattr(RelaySMTP, name), getattr(SMTP, name)
         # (smtp_MAIL wraps the relay's own, which checks SIZE and calls aiosmtpd's.)
         assert ours.__wrapped__ is theirs or (
             name == "smtp_MAIL" and "await super().smtp_MAIL(arg)" in

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import PASSWORD, SMTP_RELAY, USER, RawClient, RelayProcess, relay_env
 
-from smtp_relay import ConfigError, load_config
+from relay.settings import ConfigError, load_config
 
 ERROR_PREFIX = "smtp-relay: configuration error:"
 

@@ -89,7 +89,8 @@ def test_readme_docker_workflow_on_a_fresh_clone() -> None:
     it with no manual step: the relay must start, deliver and log to ./logs."""
     docker_engine()
     uncommitted = run(["git", "status", "--porcelain", "--", "Dockerfile",
-                       "docker-compose.yml", "deploy", "requirements.txt", "smtp_relay.py"],
+                       "docker-compose.yml", "deploy", "requirements.txt", "smtp_relay.py",
+                       "relay"],
                       timeout=30, cwd=PROJECT).stdout
     smoke = run([sys.executable, str(SHARED / "compose-smoke.py"), "--project", str(PROJECT)],
                 timeout=1500, cwd=PROJECT)

@@ -53,15 +53,11 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from smtp_relay import (
-    ConfigError,
-    Metrics,
-    RateLimiter,
-    RelaySession,
-    _JSONFormatter,
-    load_config,
-    parse_users_file,
-)
+from relay.observability import JSONFormatter, Metrics
+from relay.protocol import RelaySession
+from relay.ratelimit import RateLimiter
+from relay.settings import ConfigError, load_config
+from relay.users import parse_users_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1098,7 +1094,7 @@ def test_parse_users_file_names_the_bad_line(hashes, bad_line):
 def test_json_formatter_gives_a_plain_line_its_message():
     record = logging.LogRecord("smtp_relay", logging.WARNING, __file__, 1,
                                "USE_TLS is off: %s", ("plaintext",), None)
-    entry = json.loads(_JSONFormatter().format(record))
+    entry = json.loads(JSONFormatter().format(record))
     assert list(entry)[:len(JSON_KEYS)] == list(JSON_KEYS)
     assert entry["event"] == "message" and entry["level"] == "WARNING"
     assert entry["message"] == "USE_TLS is off: plaintext"
@@ -1114,7 +1110,7 @@ def test_json_formatter_keeps_an_event_line_typed():
                      "from": "a@example.com", "to": ("b@example.com", "c@example.com"),
                      "size": 281, "upstream": "250 ok", "duration_ms": 9.5,
                      "reason": ValueError("odd\nvalue")}
-    entry = json.loads(_JSONFormatter().format(record))
+    entry = json.loads(JSONFormatter().format(record))
     assert "message" not in entry
     assert entry["event"] == "delivered"
     assert entry["to"] == ["b@example.com", "c@example.com"]

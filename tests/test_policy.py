@@ -16,16 +16,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtp_relay import (
+from relay.policy import (
     AddressError,
     DomainList,
     Mailbox,
     bare_line_ending,
-    load_config,
     normalize_domain,
     parse_path,
     split_path,
 )
+from relay.settings import load_config
 
 ROUTING = "553 5.7.1"
 MALFORMED = "553 5.1.3"

@@ -36,19 +36,17 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtp_relay import (
+from relay.policy import (
     HEADER_SECTION_LIMIT,
     AddressError,
-    ConfigError,
-    RateLimiter,
     header_block,
     header_from_domains,
     header_from_fields,
     header_section_end,
-    load_config,
     normalize_domain,
-    parse_domain_list,
 )
+from relay.ratelimit import RateLimiter
+from relay.settings import ConfigError, load_config, parse_domain_list
 
 pytestmark = pytest.mark.timeout(120)
 

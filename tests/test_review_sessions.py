@@ -56,7 +56,8 @@ from conftest import (
     relay_env,
 )
 
-from smtp_relay import AuthGuard, ConfigError, load_config
+from relay.settings import ConfigError, load_config
+from relay.users import AuthGuard
 
 pytestmark = pytest.mark.timeout(120)
 

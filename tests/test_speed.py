@@ -13,6 +13,11 @@ import sys
 
 import pytest
 
+from relay.policy import long_line_in
+from relay.settings import load_config
+from relay.upstream import UpstreamCalls
+from smtp_relay import SMTPRelayServer
+
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux's"),
@@ -55,8 +60,7 @@ def test_ehlo_reply_is_one_write(relay, raw_client):
 
 
 def in_process_config(tmp_path, **overrides: str):
-    import smtp_relay
-    return smtp_relay.load_config({
+    return load_config({
         "SMTP_AUTH_USERNAME": "user", "SMTP_AUTH_PASSWORD": "pw-0123456789",
         "ALLOWED_FROM_DOMAINS": "example.com", "ALLOWED_TO_DOMAINS": "example.com",
         "LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": "0", "RELAY_HOST": "127.0.0.1",
@@ -69,10 +73,9 @@ def test_commands_do_not_each_make_a_timer(tmp_path):
     # connection, not a call_later and a cancel per command.
     import asyncio
 
-    import smtp_relay
 
     async def run() -> tuple[int, list[str]]:
-        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path))
+        server = SMTPRelayServer(in_process_config(tmp_path))
         await server.start()
         loop = asyncio.get_running_loop()
         timers = 0
@@ -106,10 +109,9 @@ def test_idle_client_is_still_told_and_dropped(tmp_path):
     import asyncio
     import time
 
-    import smtp_relay
 
     async def run() -> tuple[float, list[str]]:
-        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
+        server = SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
         await server.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -212,13 +214,12 @@ def test_upstream_calls_return_results_and_raise_errors():
     import asyncio
     import threading
 
-    import smtp_relay
 
     def fail() -> None:
         raise OSError("link gone")
 
     async def run() -> tuple[list, str, bool]:
-        calls = smtp_relay._UpstreamCalls(limit=3)
+        calls = UpstreamCalls(limit=3)
         try:
             results = await asyncio.gather(*(
                 calls.submit(lambda n=n: (n, threading.current_thread().name))
@@ -239,12 +240,11 @@ def test_upstream_calls_beyond_the_limit_wait_and_close_cancels_them():
     import asyncio
     import threading
 
-    import smtp_relay
 
     release = threading.Event()
 
     async def run() -> tuple[bool, bool, int]:
-        calls = smtp_relay._UpstreamCalls(limit=1)
+        calls = UpstreamCalls(limit=1)
         first = calls.submit(release.wait, 30)
         second = calls.submit(lambda: "second")
         await asyncio.sleep(0.2)
@@ -301,7 +301,6 @@ def test_long_line_scan_agrees_with_the_regex(limit):
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    import smtp_relay
 
     regex = _long_line_regex(limit)
     pieces = st.sampled_from([b"a", b"b" * limit, b"c" * (limit - 1), b"\r\n", b"\r",
@@ -310,21 +309,20 @@ def test_long_line_scan_agrees_with_the_regex(limit):
     @settings(max_examples=400, deadline=None)
     @given(st.lists(pieces, max_size=40).map(b"".join))
     def agrees(data: bytes) -> None:
-        assert smtp_relay.long_line_in(data, limit) == (regex.search(data) is not None)
+        assert long_line_in(data, limit) == (regex.search(data) is not None)
 
     agrees()
 
 
 def test_long_line_scan_examples():
-    import smtp_relay
 
     line = b"x" * 76 + b"\r\n"
-    assert not smtp_relay.long_line_in(line * 1400, 999)
-    assert not smtp_relay.long_line_in(b"y" * 998 + b"\r\n", 999)
-    assert smtp_relay.long_line_in(line * 700 + b"y" * 999 + b"\r\n" + line, 999)
-    assert smtp_relay.long_line_in(b"y" * 999, 999)  # the last line, no CRLF yet
-    assert not smtp_relay.long_line_in(b"y" * 500 + b"\r" + b"y" * 600, 999)
-    assert smtp_relay.long_line_in(b"ab\r\n" * 250_000 + b"z" * 5000, 999)
+    assert not long_line_in(line * 1400, 999)
+    assert not long_line_in(b"y" * 998 + b"\r\n", 999)
+    assert long_line_in(line * 700 + b"y" * 999 + b"\r\n" + line, 999)
+    assert long_line_in(b"y" * 999, 999)  # the last line, no CRLF yet
+    assert not long_line_in(b"y" * 500 + b"\r" + b"y" * 600, 999)
+    assert long_line_in(b"ab\r\n" * 250_000 + b"z" * 5000, 999)
 
 
 def test_commands_do_not_push_back_the_auth_deadline(tmp_path):
@@ -333,10 +331,9 @@ def test_commands_do_not_push_back_the_auth_deadline(tmp_path):
     import asyncio
     import time
 
-    import smtp_relay
 
     async def run() -> tuple[float, list[str]]:
-        server = smtp_relay.SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
+        server = SMTPRelayServer(in_process_config(tmp_path, TIMEOUT="1"))
         await server.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -1,0 +1,1 @@
+"""smtp-relay's supporting modules (smtp_relay.py is the program)."""

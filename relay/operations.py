@@ -1,0 +1,355 @@
+"""Operating the relay: the HTTP endpoint (/healthz, /readyz, /metrics), `check` (the
+upstream settings tried step by step), `demo` and `hash-password`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import bcrypt
+import prometheus_client
+from aiosmtpd.smtp import (
+    SMTP,
+)
+
+from relay.observability import setup_logging
+from relay.protocol import cannot_listen
+from relay.settings import load_config, upstream_tls_context
+from relay.upstream import UpstreamConnection, UpstreamError, describe_error, reply_text
+from relay.users import BCRYPT_MAX_PASSWORD, load_users
+
+if TYPE_CHECKING:
+    from relay.settings import Config
+    from relay.upstream import UpstreamPool
+    from smtp_relay import SMTPRelayServer
+
+
+class ReadinessProbe:
+    """Is the upstream usable? Connect, EHLO, STARTTLS and AUTH as configured, at most
+    once per READY_PROBE_SECONDS; callers in between share the cached answer."""
+
+    def __init__(self, config: Config, pool: UpstreamPool):
+        self.config = config
+        self.pool = pool
+        self._answer: tuple[bool, str] | None = None
+        self._answered_at = 0.0
+        self._probe: asyncio.Future | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        fresh = time.monotonic() - self._answered_at < self.config.ready_probe_seconds
+        if self._answer is not None and fresh:
+            return self._answer
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._probe)
+
+    async def _run(self) -> tuple[bool, str]:
+        connection = UpstreamConnection(self.config, self.pool.tls_context)
+        try:
+            await self.pool.run(connection.open)
+            steps = ["connect", "EHLO"] + (["STARTTLS"] if self.config.relay_use_tls
+                                           else []) + (["AUTH"] if
+                                                       self.config.relay_username else [])
+            answer = (True, "upstream answered: " + ", ".join(steps))
+        except UpstreamError as error:
+            answer = (False, f"upstream not ready: {error}")
+        finally:
+            await self.pool.run(connection.close)
+            self._probe = None
+        self._answer, self._answered_at = answer, time.monotonic()
+        return answer
+
+
+class HTTPEndpoint:
+    """/healthz, /readyz and /metrics on HTTP_HOST:HTTP_PORT. Three GET routes need no
+    web framework: a request line and headers are read, one response written."""
+
+    MAX_REQUEST = 8192
+
+    def __init__(self, relay: SMTPRelayServer):
+        self.relay = relay
+        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool)
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        config = self.relay.config
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, config.http_host, config.http_port, reuse_address=True,
+                limit=self.MAX_REQUEST)
+        except OSError as error:
+            raise cannot_listen("HTTP_HOST/HTTP_PORT", config.http_host,
+                                config.http_port, error) from None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, path = (request.split(b"\r\n", 1)[0].decode("latin-1")
+                            .split(" ") + ["", ""])[:2]
+            status, content_type, body = await self._respond(method, path.split("?")[0])
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            writer.close()
+            return
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def _respond(self, method: str, path: str) -> tuple[str, str, bytes]:
+        text = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", text, b"GET only\n"
+        if path == "/healthz":
+            if self.relay.serving:
+                return "200 OK", text, b"ok: the SMTP listener accepts connections\n"
+            return "503 Service Unavailable", text, b"the SMTP listener is down\n"
+        if path == "/readyz":
+            ready, detail = await self.readiness.check()
+            status = "200 OK" if ready else "503 Service Unavailable"
+            return status, text, (detail + "\n").encode()
+        if path == "/metrics":
+            return ("200 OK", prometheus_client.CONTENT_TYPE_LATEST,
+                    prometheus_client.generate_latest(self.relay.metrics.registry))
+        return "404 Not Found", text, b"try /healthz, /readyz or /metrics\n"
+
+
+Serve = Callable[..., Awaitable[int]]
+
+DEMO_ENV = {
+    "SMTP_AUTH_USERNAME": "demo",
+    "SMTP_AUTH_PASSWORD": "demo-password",
+    "ALLOWED_FROM_DOMAINS": "example.com",
+    "ALLOWED_TO_DOMAINS": "example.com",
+    "LISTEN_HOST": "127.0.0.1",
+    "RELAY_USE_TLS": "false",
+    "RELAY_USE_SSL": "false",
+}
+
+
+async def run_demo(serve: Serve, env: dict[str, str]) -> int:
+    """The relay in front of a local upstream that prints every message it receives."""
+    from aiosmtpd.handlers import Debugging
+
+    loop = asyncio.get_running_loop()
+    upstream = await loop.create_server(
+        lambda: SMTP(Debugging(sys.stdout), hostname="demo-upstream", loop=loop),
+        "127.0.0.1", 0)
+    env = {**env, "RELAY_HOST": "127.0.0.1",
+           "RELAY_PORT": str(upstream.sockets[0].getsockname()[1])}
+    config = load_config(env)
+    setup_logging(config)
+
+    async def send_example(server: SMTPRelayServer) -> None:
+        def send() -> str:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+                client.login(config.auth_username, config.auth_password)
+                client.sendmail("app@example.com", ["ops@example.com"],
+                                b"Subject: smtp-relay demo\r\n\r\nIt works.\r\n")
+            return "250"
+        await loop.run_in_executor(None, send)
+        print(f"\nDemo: a message went through the relay (above). Try your own:\n"
+              f"  swaks --server 127.0.0.1:{server.port} --auth-user "
+              f"{config.auth_username} --auth-password {config.auth_password} "
+              f"--from app@example.com --to ops@example.com\n"
+              f"Stop with Ctrl-C.\n", flush=True)
+
+    try:
+        return await serve(config, ready=send_example)
+    finally:
+        upstream.close()
+
+
+def hash_password() -> int:
+    """Print a bcrypt hash for SMTP_AUTH_PASSWORD_HASH (typed twice, or one stdin line)."""
+    import getpass
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("smtp-relay: the two passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("smtp-relay: empty password", file=sys.stderr)
+        return 2
+    secret = password.encode("utf-8")
+    if len(secret) > BCRYPT_MAX_PASSWORD:
+        print(f"smtp-relay: note: the password is {len(secret)} bytes; bcrypt uses only "
+              f"the first {BCRYPT_MAX_PASSWORD} (as htpasswd -B does), so any password "
+              "that begins with the same 72 bytes will match", file=sys.stderr)
+    print(bcrypt.hashpw(secret[:BCRYPT_MAX_PASSWORD], bcrypt.gensalt(12)).decode("ascii"))
+    return 0
+
+
+class UpstreamCheck:
+    """`python smtp_relay.py check`: the upstream settings tried step by step (DNS, TCP,
+    banner, EHLO, STARTTLS and certificate, AUTH), each step's outcome printed with the
+    likely fix when it fails."""
+
+    def __init__(self, config: Config, out: Any = sys.stdout):
+        self.config = config
+        self.out = out
+        self.smtp: smtplib.SMTP | None = None
+        self.tls_context = (upstream_tls_context(config) if config.relay_use_tls
+                            or config.relay_use_ssl else None)
+
+    def say(self, step: str, ok: bool, detail: str, fix: str = "") -> bool:
+        self.out.write(f"{'ok  ' if ok else 'FAIL'} {step:<10} {detail}\n")
+        if fix:
+            self.out.write(f"     {'':<10} fix: {fix}\n")
+        return ok
+
+    def run(self) -> bool:
+        try:
+            return (self.dns() and self.tcp() and self.banner() and self.ehlo()
+                    and self.starttls() and self.auth())
+        finally:
+            if self.smtp is not None:
+                try:
+                    self.smtp.quit()
+                except (smtplib.SMTPException, OSError):
+                    self.smtp.close()
+
+    def dns(self) -> bool:
+        host, port = self.config.relay_host, self.config.relay_port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            return self.say("DNS", False, f"{host}: {error.strerror}",
+                            "check RELAY_HOST's spelling and this machine's DNS")
+        addresses = sorted({info[4][0] for info in infos})
+        return self.say("DNS", True, f"{host} -> {', '.join(addresses)}")
+
+    def tcp(self) -> bool:
+        host, port = self.config.relay_host, self.config.relay_port
+        try:
+            socket.create_connection((host, port), timeout=self.config.timeout).close()
+        except OSError as error:
+            return self.say("TCP", False, f"{host}:{port}: {describe_error(error)}",
+                            "nothing answers there: check RELAY_PORT (587 STARTTLS, "
+                            "465 implicit TLS, 25 often blocked by providers) and "
+                            "firewalls")
+        return self.say("TCP", True, f"connected to {host}:{port}")
+
+    def banner(self) -> bool:
+        config = self.config
+        try:
+            if config.relay_use_ssl:
+                self.smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=self.tls_context,
+                                             local_hostname=config.smtp_hostname)
+            else:
+                self.smtp = smtplib.SMTP(timeout=config.timeout,
+                                         local_hostname=config.smtp_hostname)
+            # smtplib checks the certificate against _host, which only its constructor
+            # sets: connect() alone would leave it empty.
+            self.smtp._host = config.relay_host
+            code, text = self.smtp.connect(config.relay_host, config.relay_port)
+        except ssl.SSLCertVerificationError as error:
+            return self.say("TLS", False, describe_error(error), self._certificate_fix(error))
+        except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
+            fix = ("this port does not speak TLS first: use RELAY_USE_TLS=true and "
+                   "RELAY_USE_SSL=false (STARTTLS, usually port 587)"
+                   if config.relay_use_ssl else
+                   "the server said nothing: port 465 expects implicit TLS "
+                   "(RELAY_USE_SSL=true, RELAY_USE_TLS=false)")
+            return self.say("banner", False, describe_error(error), fix)
+        if code != 220:
+            return self.say("banner", False, f"{code} {reply_text(text)}",
+                            "the upstream refuses connections from this address")
+        return self.say("banner", True, f"{code} {reply_text(text)}")
+
+    def ehlo(self) -> bool:
+        code, text = self.smtp.ehlo()
+        if code != 250:
+            return self.say("EHLO", False, f"{code} {reply_text(text)}",
+                            "the upstream refused our EHLO: set SMTP_HOSTNAME to a "
+                            "proper host name")
+        return self.say("EHLO", True, "extensions: " + " ".join(
+            sorted(self.smtp.esmtp_features)))
+
+    def starttls(self) -> bool:
+        if not self.config.relay_use_tls:
+            detail = ("implicit TLS (RELAY_USE_SSL)" if self.config.relay_use_ssl
+                      else "off (RELAY_USE_TLS=false): mail goes in plaintext")
+            return self.say("STARTTLS", True, detail)
+        if not self.smtp.has_extn("starttls"):
+            return self.say("STARTTLS", False, "not offered by the upstream",
+                            "use the provider's submission port (587), or "
+                            "RELAY_USE_SSL=true on 465")
+        try:
+            self.smtp.starttls(context=self.tls_context)
+        except ssl.SSLCertVerificationError as error:
+            return self.say("STARTTLS", False, describe_error(error),
+                            self._certificate_fix(error))
+        except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
+            return self.say("STARTTLS", False, describe_error(error), "")
+        certificate = self.smtp.sock.getpeercert() or {}
+        subject = dict(item[0] for item in certificate.get("subject", ()))
+        self.smtp.ehlo()
+        return self.say("STARTTLS", True, f"{self.smtp.sock.version()}, certificate "
+                        f"for {subject.get('commonName', '?')}, valid until "
+                        f"{certificate.get('notAfter', '?')}")
+
+    def _certificate_fix(self, error: ssl.SSLCertVerificationError) -> str:
+        if "hostname" in str(error.verify_message).lower() or "IP address" in str(
+                error.verify_message):
+            return (f"the certificate is not for RELAY_HOST={self.config.relay_host}: "
+                    "use the host name printed on the certificate")
+        return ("the certificate's issuer is not trusted: set RELAY_TLS_CA_FILE to "
+                "the CA that signed it (RELAY_TLS_VERIFY=false only for testing)")
+
+    def auth(self) -> bool:
+        if not self.config.relay_username:
+            return self.say("AUTH", True, "not configured (RELAY_USERNAME empty)")
+        if not self.smtp.has_extn("auth"):
+            return self.say("AUTH", False, "the upstream offers no AUTH here",
+                            "AUTH is usually offered only after TLS and on port 587")
+        try:
+            self.smtp.login(self.config.relay_username, self.config.relay_password)
+        except smtplib.SMTPAuthenticationError as error:
+            text = reply_text(error.smtp_error)
+            fix = ("the provider wants an app password (Gmail, Microsoft 365) or "
+                   "SMTP credentials (SES), not the account's own password"
+                   if error.smtp_code == 534 or "application" in text.lower() else
+                   "check RELAY_USERNAME and RELAY_PASSWORD; Gmail and Microsoft 365 "
+                   "need an app password")
+            return self.say("AUTH", False, f"{error.smtp_code} {text}", fix)
+        except (smtplib.SMTPException, OSError) as error:
+            return self.say("AUTH", False, describe_error(error), "")
+        return self.say("AUTH", True, f"logged in as {self.config.relay_username}")
+
+
+def check_command(environ: Mapping[str, str], out: Any = sys.stdout) -> int:
+    config = load_config(environ)
+    load_users(config)  # a broken users file is a configuration error too
+    out.write("Configuration (secrets redacted):\n")
+    for key, value in config.redacted().items():
+        out.write(f"  {key} = {value}\n")
+    out.write(f"\nUpstream {config.relay_host}:{config.relay_port}:\n")
+    ok = UpstreamCheck(config, out).run()
+    out.write("\nAll steps passed.\n" if ok else "\nThe upstream is not usable yet.\n")
+    return 0 if ok else 1
+

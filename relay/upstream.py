@@ -1,0 +1,622 @@
+"""The upstream side: one authenticated smtplib session (UpstreamConnection), the pool
+that keeps them for reuse (UpstreamPool), and the Forwarder that speaks MAIL, RCPT and
+DATA upstream for one client transaction at a time.
+
+smtplib blocks, so every upstream call runs in a worker thread; the event loop never
+waits on the upstream. The handshake steps (connect, EHLO, STARTTLS, AUTH) are defined
+once here and used by the pool, /readyz and `check`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import fcntl
+import queue
+import select
+import smtplib
+import socket
+import ssl
+import struct
+import termios
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import (
+    Session,
+)
+
+from relay.observability import log
+from relay.policy import one_line
+from relay.settings import upstream_tls_context
+
+if TYPE_CHECKING:
+    from relay.observability import Metrics
+    from relay.settings import Config
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or dropped us. `reply` is for the client."""
+
+    def __init__(self, reason: str, reply: str = "451 4.4.1"):
+        super().__init__(reason)
+        self.reply = f"{reply} Upstream unavailable: {one_line(reason)[:200]}"
+
+
+Reply = tuple[int, str]
+
+
+def reply_text(message: bytes | str) -> str:
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return one_line(" ".join(message.split("\n"))).strip()[:400]
+
+
+def final_reply(code: int) -> bool:
+    """A completion reply (2xx, 4xx, 5xx) other than 421 (the upstream is closing)."""
+    return code != 421 and (200 <= code < 300 or 400 <= code < 600)
+
+
+# The data goes upstream in pieces, each allowed TIMEOUT to make progress: a large
+# message to a slow upstream may take longer in all. A kernel send buffer of its own
+# size would let the upload "finish" long before the upstream has read it, so it is
+# kept small, and the reply after the final dot is awaited only once the upstream has
+# taken what the kernel still held (Linux tells: TIOCOUTQ), again TIMEOUT per progress.
+_DATA_CHUNK = 64 * 1024
+
+
+_UPSTREAM_SEND_BUFFER = 256 * 1024
+
+
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+
+
+def _unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the peer has not acknowledged yet (0 when unknown)."""
+    if _OUTQ is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return 0
+
+
+class UpstreamConnection:
+    """One authenticated session to the upstream. Every method blocks: threads only."""
+
+    def __init__(self, config: Config, tls_context: ssl.SSLContext | None):
+        self.config = config
+        self.tls_context = tls_context
+        self.smtp: smtplib.SMTP | None = None
+        self.messages_sent = 0
+        self.idle_since = 0.0
+        self.reused = False
+        self.discarded = False  # handed to UpstreamPool.discard (closing or closed)
+
+    def open(self) -> None:
+        """Connect, EHLO, STARTTLS (required when RELAY_USE_TLS), EHLO, AUTH."""
+        config, step = self.config, "connect"
+        try:
+            if config.relay_use_ssl:
+                smtp = smtplib.SMTP_SSL(config.relay_host, config.relay_port,
+                                        local_hostname=config.smtp_hostname,
+                                        timeout=config.timeout, context=self.tls_context)
+            else:
+                smtp = smtplib.SMTP(config.relay_host, config.relay_port,
+                                    local_hostname=config.smtp_hostname,
+                                    timeout=config.timeout)
+            self.smtp = smtp
+            try:
+                if smtp.sock is not None:
+                    smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                         _UPSTREAM_SEND_BUFFER)
+            except OSError:
+                pass  # the kernel's default then; the upload is still paced per piece
+            step = "EHLO"
+            code, message = smtp.ehlo()
+            if code != 250:
+                raise UpstreamError(f"EHLO refused: {code} {reply_text(message)}")
+            if config.relay_use_tls:
+                step = "STARTTLS"
+                if not smtp.has_extn("starttls"):
+                    raise UpstreamError("upstream does not offer STARTTLS "
+                                        "(RELAY_USE_TLS is on)")
+                code, message = smtp.starttls(context=self.tls_context)
+                smtp.ehlo()
+            if config.relay_username:
+                step = "AUTH"
+                smtp.login(config.relay_username, config.relay_password)
+        except UpstreamError:
+            self.close()
+            raise
+        except smtplib.SMTPAuthenticationError as error:
+            self.close()
+            raise UpstreamError(f"upstream refused our credentials ({error.smtp_code} "
+                                f"{reply_text(error.smtp_error)})", "451 4.7.0") from None
+        except (smtplib.SMTPException, OSError, ValueError) as error:
+            self.close()
+            raise UpstreamError(f"{step} to {config.relay_host}:{config.relay_port} "
+                                f"failed: {describe_error(error)}") from None
+
+    def has(self, extension: str) -> bool:
+        return bool(extension) and self.smtp is not None and self.smtp.has_extn(extension)
+
+    def command(self, verb: str, argument: str) -> Reply:
+        assert self.smtp is not None
+        code, message = self.smtp.docmd(verb, argument)
+        return code, reply_text(message)
+
+    def data(self, stuffed: bytes) -> tuple[bool, int, str]:
+        """DATA with a message that is already dot-stuffed and ends in CRLF (as the
+        client sent it), so it goes out without being unstuffed and stuffed again.
+
+        Returns (sent, code, text): `sent` is False when the upstream answered the DATA
+        command itself instead of 354 (nothing was sent; its transaction is still
+        open), True when the reply is the one after the final dot."""
+        smtp = self.smtp
+        assert smtp is not None
+        smtp.putcmd("data")
+        code, reply = smtp.getreply()
+        if code != 354:
+            return False, code, reply_text(reply)
+        try:
+            if smtp.sock is None:
+                raise smtplib.SMTPServerDisconnected("connection closed by upstream")
+            self._upload(smtp.sock, stuffed)
+        except OSError:
+            smtp.close()  # half a message is in the way: no QUIT, just close
+            raise
+        code, reply = smtp.getreply()  # waits up to TIMEOUT
+        return True, code, reply_text(reply)
+
+    def _upload(self, sock: socket.socket, stuffed: bytes) -> None:
+        """Send the data and the final dot; each send waits up to TIMEOUT for room.
+        Then wait until the upstream has taken it all (or has answered early)."""
+        view = memoryview(stuffed + b".\r\n")  # one piece: no Nagle wait for the dot
+        sent, total = 0, len(view)
+        while sent < total:
+            sent += sock.send(view[sent:sent + _DATA_CHUNK])
+        queued = _unacknowledged(sock)
+        if not queued or not hasattr(select, "poll"):
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        deadline = time.monotonic() + self.config.timeout
+        while queued:
+            if poller.poll(50):
+                return  # a reply (or the connection's end) is there to read
+            still_queued = _unacknowledged(sock)
+            if still_queued < queued:
+                queued, deadline = still_queued, time.monotonic() + self.config.timeout
+            elif time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
+
+    def close(self) -> None:
+        """QUIT politely; never raises."""
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.sock is not None:
+                smtp.quit()
+        except (smtplib.SMTPException, OSError, ValueError):
+            pass
+        finally:
+            smtp.close()
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, TimeoutError) or isinstance(error.__context__, TimeoutError):
+        return "timed out"  # smtplib re-raises a read timeout as SMTPServerDisconnected
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error ({error.reason or error})"
+    if isinstance(error, smtplib.SMTPServerDisconnected):
+        return "connection closed by upstream"
+    if isinstance(error, smtplib.SMTPResponseException):
+        return f"{error.smtp_code} {reply_text(error.smtp_error)}"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return one_line(error) or type(error).__name__
+
+
+# Raised inside a worker thread when the link to the upstream is gone.
+LINK_ERRORS = (smtplib.SMTPServerDisconnected, OSError)
+
+
+class UpstreamPool:
+    """Authenticated upstream sessions kept for reuse.
+
+    Opening TCP + EHLO + STARTTLS + AUTH costs more than a small message, so sessions are
+    returned here after a transaction and handed to the next one. Idle sessions are
+    closed after RELAY_POOL_IDLE_SECONDS (before the upstream's own idle timeout) and
+    after RELAY_POOL_MAX_MESSAGES messages. The pool never holds more sessions than there
+    are client connections, since each client holds at most one.
+    """
+
+    def __init__(self, config: Config, executor: concurrent.futures.Executor,
+                 metrics: Metrics):
+        self.config = config
+        self.executor = executor
+        self.metrics = metrics
+        self.tls_context = (upstream_tls_context(config)
+                            if config.relay_use_tls or config.relay_use_ssl else None)
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._background: set[asyncio.Future] = set()
+        self._reaper: asyncio.Task | None = None
+
+    async def run(self, function: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function,
+                                                                *args)
+
+    async def acquire(self) -> UpstreamConnection:
+        now = time.monotonic()
+        while self.idle:
+            connection = self.idle.pop()  # most recently used: least likely stale
+            if now - connection.idle_since < self.config.relay_pool_idle_seconds:
+                connection.reused = True
+                self.metrics.upstream_sessions_reused.inc()
+                return connection
+            self.discard(connection)
+        return await self.open_new()
+
+    async def open_new(self) -> UpstreamConnection:
+        connection = UpstreamConnection(self.config, self.tls_context)
+        opening = asyncio.get_running_loop().run_in_executor(self.executor,
+                                                             connection.open)
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The client left while we connected: the session is still good for others.
+            def keep(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.metrics.upstream_sessions_opened.inc()
+                    self.metrics.upstream_sessions_open.inc()
+                    self.release(connection)
+            opening.add_done_callback(keep)
+            raise
+        self.metrics.upstream_sessions_opened.inc()
+        self.metrics.upstream_sessions_open.inc()
+        self._start_reaper()
+        return connection
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Back to the pool after a finished transaction (the upstream is between
+        transactions: nothing needs resetting)."""
+        if (connection.smtp is None
+                or connection.messages_sent >= self.config.relay_pool_max_messages
+                or self.config.relay_pool_idle_seconds <= 0
+                or len(self.idle) >= self.config.max_connections):
+            self.discard(connection)
+            return
+        connection.idle_since = time.monotonic()
+        self.idle.append(connection)
+
+    def reset_and_release(self, connection: UpstreamConnection,
+                          pending: asyncio.Future | None = None) -> None:
+        """For an abandoned transaction: RSET upstream, then pool it (in the background,
+        after `pending`, the upstream call still running in a thread, if any)."""
+        async def reset() -> None:
+            if pending is not None:
+                await asyncio.wait([pending])
+            if connection.discarded:  # the call's outcome already condemned it
+                return
+            try:
+                code, _ = await self.run(connection.command, "RSET", "")
+            except (*LINK_ERRORS, smtplib.SMTPException, AssertionError):
+                code = 0
+            if code == 250:
+                self.release(connection)
+            else:
+                self.discard(connection)
+        self._in_background(reset())
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        if connection.smtp is not None and not connection.discarded:
+            connection.discarded = True
+            self.metrics.upstream_sessions_open.dec()
+            self._in_background(self.run(connection.close))
+
+    def _in_background(self, awaitable: Any) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None and self.config.relay_pool_idle_seconds > 0:
+            self._reaper = asyncio.ensure_future(self._reap_idle())
+
+    async def _reap_idle(self) -> None:
+        limit = self.config.relay_pool_idle_seconds
+        while True:
+            await asyncio.sleep(max(0.05, min(limit / 4, 5.0)))
+            now = time.monotonic()
+            while self.idle and now - self.idle[0].idle_since >= limit:
+                self.discard(self.idle.popleft())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        while self.idle:
+            self.discard(self.idle.popleft())
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.timeout)
+
+
+_MAIL_PARAMETER_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
+
+
+class Transaction:
+    """The upstream half of one client transaction: MAIL .. RCPT* .. DATA."""
+
+    def __init__(self, connection: UpstreamConnection, declared_8bit_unsupported: bool):
+        self.connection = connection
+        # BODY=8BITMIME declared, and the upstream lacks 8BITMIME
+        self.declared_8bit_unsupported = declared_8bit_unsupported
+        self.pending: asyncio.Future | None = None  # the upstream call in a thread
+        self.broken = False  # the upstream link died mid-transaction
+        # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
+        # reply after the data. Such a session is reset before anyone else uses it.
+        self.open = False
+
+
+class UpstreamCalls:
+    """Worker threads for the blocking upstream calls of client transactions (MAIL,
+    RCPT, DATA: three a message).
+
+    loop.run_in_executor costs ~25 us of CPU more per call than this: a
+    concurrent.futures.Future with its Condition, the executor's bookkeeping, and
+    the future chained to an asyncio one. Here a call is a tuple on a queue and one
+    call_soon_threadsafe with its outcome. Threads start as needed, up to `limit`
+    (beyond that, calls wait their turn), and stay for the next call.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.threads = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+
+    def submit(self, function: Callable, *args: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:  # claim an idle thread, as ThreadPoolExecutor counts them
+            start = not self._idle and self.threads < self.limit
+            if start:
+                self.threads += 1
+            elif self._idle:
+                self._idle -= 1
+        if start:
+            threading.Thread(target=self._work, name=f"upstream-{self.threads}",
+                             daemon=True).start()
+        self._jobs.put((loop, future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, function, args = job
+            outcome: tuple[Any, BaseException | None]
+            try:
+                outcome = (function(*args), None)
+            except BaseException as error:  # noqa: BLE001 (handed to the awaiting task)
+                outcome = (None, error)
+            try:
+                loop.call_soon_threadsafe(self._settle, future, *outcome)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+            del job, loop, future, function, args, outcome
+            with self._lock:
+                self._idle += 1
+
+    @staticmethod
+    def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def close(self) -> None:
+        """Cancel the calls still queued; threads end after the call they are in."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[1].cancel()
+        for _ in range(self.threads):
+            self._jobs.put(None)
+
+
+class Forwarder:
+    """Speaks to the upstream on behalf of one client transaction at a time.
+
+    Each call returns the SMTP reply for the client. Upstream 2xx/4xx/5xx replies are
+    passed on as the upstream gave them (a 2xx to MAIL or to the data as 250, which is
+    what clients look for); a lost link, a timeout or a TLS failure becomes
+    `451 4.4.x`. An upstream `421` (it is closing) becomes `451 4.4.2`, since our own
+    connection to the client stays open; so does a reply that makes no sense at that
+    step (a code outside 200-599, a 3xx other than 354 to DATA), and that upstream
+    session is closed.
+    """
+
+    def __init__(self, config: Config, metrics: Metrics):
+        self.config = config
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            # One worker per client that can be waiting on the upstream, plus room for
+            # background RSET/QUIT: asyncio's default pool has min(32, cores + 4).
+            max_workers=config.max_connections + 4, thread_name_prefix="upstream")
+        self.pool = UpstreamPool(config, self.executor, metrics)
+        self.calls = UpstreamCalls(config.max_connections + 4)
+        self.orphans: set[asyncio.Future] = set()  # deliveries whose client left
+
+    def outlive(self, delivery: asyncio.Future) -> None:
+        """Keep a delivery going after its client left; close() waits for it."""
+        def done(task: asyncio.Future) -> None:
+            self.orphans.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("unexpected error in a delivery", exc_info=task.exception())
+        self.orphans.add(delivery)
+        delivery.add_done_callback(done)
+
+    async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
+        transaction: Transaction = session.transaction
+        future = self.calls.submit(function, *args)
+        transaction.pending = future
+        session.busy = True  # the client is waiting on us, not idle
+        try:
+            return await asyncio.shield(future)
+        finally:
+            session.busy = False
+            session.active_at = time.monotonic()  # the client's wait ends now
+            if future.done():
+                transaction.pending = None
+
+    async def begin(self, session: Session, sender: str, options: list[str]) -> str:
+        """MAIL FROM upstream. On 250 the session holds the transaction."""
+        declared_8bit = "BODY=8BITMIME" in options
+        for attempt in (1, 2):
+            session.busy = True  # waiting on the upstream's connect/TLS/AUTH: not idle
+            try:
+                # A retry never takes another pooled session: it may be just as stale.
+                connection = await (self.pool.acquire() if attempt == 1
+                                    else self.pool.open_new())
+            finally:
+                session.busy = False
+                session.active_at = time.monotonic()
+            session.transaction = transaction = Transaction(
+                connection, declared_8bit and not connection.has("8bitmime"))
+            if "SMTPUTF8" in options and not connection.has("smtputf8"):
+                self.finish(session)
+                return ("555 5.6.7 The upstream does not support SMTPUTF8: send this "
+                        "message with ASCII addresses")
+            if "SMTPUTF8" in options:
+                connection.smtp.command_encoding = "utf-8"
+            # Only what the upstream advertises goes on; aiosmtpd lets no other through.
+            upstream_options = [
+                option for option in options
+                if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
+            argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
+            transaction.open = True  # until the upstream says otherwise
+            try:
+                code, text = await self._call(session, connection.command, "MAIL",
+                                              argument)
+            except LINK_ERRORS as error:
+                code, text = 0, describe_error(error)
+            if 200 <= code < 300:  # any 2xx: the upstream's transaction is open
+                return f"250 {text}"
+            if final_reply(code):
+                transaction.open = False  # refused: no transaction upstream
+                self.finish(session)
+                return f"{code} {text}"
+            if code and code != 421:
+                self._condemn(transaction)
+                session.transaction = None
+                raise UpstreamError(f"unexpected reply to MAIL: {code} {text}",
+                                    "451 4.4.2")
+            # The link is gone. A pooled session may simply have gone stale while idle:
+            # the client must not pay for that, so try once more on a fresh one.
+            self.pool.discard(connection)
+            session.transaction = None
+            if not connection.reused or attempt == 2:
+                raise UpstreamError(text or "upstream closed the connection",
+                                    "451 4.4.2")
+        raise AssertionError("unreachable")
+
+    async def add_recipient(self, session: Session, recipient: str) -> str:
+        return await self._in_transaction(session, "RCPT", f"TO:<{recipient}>")
+
+    async def _in_transaction(self, session: Session, verb: str, argument: str) -> str:
+        transaction: Transaction = session.transaction
+        if transaction.broken:
+            return "451 4.4.2 Upstream connection was lost: start the message again"
+        try:
+            code, text = await self._call(session, transaction.connection.command, verb,
+                                          argument)
+        except LINK_ERRORS as error:
+            code, text = 0, describe_error(error)
+        if final_reply(code):
+            return f"{code} {text}"
+        self._condemn(transaction)  # later commands get 451 until the next MAIL
+        if code and code != 421:
+            text = f"unexpected reply to {verb}: {code} {text}"
+        raise UpstreamError(text or "upstream closed the connection", "451 4.4.2")
+
+    async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
+        """DATA upstream. Returns (accepted, reply for the client); ends the
+        transaction either way."""
+        transaction: Transaction | None = session.transaction
+        if transaction is None:  # the client left before we began
+            return False, "451 4.4.2 Upstream transaction was lost: send the message again"
+        if transaction.broken:
+            self.finish(session)
+            return False, "451 4.4.2 Upstream connection was lost: send the message again"
+        if transaction.declared_8bit_unsupported and not message.isascii():
+            self.finish(session, reset=True)
+            return False, ("554 5.6.3 The upstream does not support 8BITMIME and the "
+                           "message has 8-bit content")
+        connection = transaction.connection
+        # From here on `session.transaction` may be gone (the client left and
+        # connection_lost reset it, after this call): only `transaction` is ours.
+        try:
+            sent, code, text = await self._call(session, connection.data, message)
+        except LINK_ERRORS as error:
+            self._condemn(transaction)
+            self._end(session, transaction)
+            raise UpstreamError(describe_error(error), "451 4.4.2") from None
+        if sent and final_reply(code):
+            transaction.open = False  # the reply after the data ends the transaction
+            accepted = code < 300
+            if accepted:
+                connection.messages_sent += 1  # before the pool sees it: it may retire
+            self._end(session, transaction)
+            return accepted, f"250 {text}" if accepted else f"{code} {text}"
+        if not sent and final_reply(code) and code >= 400:
+            # The DATA command itself refused (e.g. Postfix's smtpd_data_restrictions):
+            # the upstream's transaction is still open, so it is reset before reuse.
+            self._end(session, transaction)
+            return False, f"{code} {text}"
+        self._condemn(transaction)
+        self._end(session, transaction)
+        return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
+
+    def _condemn(self, transaction: Transaction) -> None:
+        """The upstream session is lost or makes no sense: close it now, never reuse
+        it. A client transaction on it gets 451 until the client moves on."""
+        transaction.broken = True
+        self.pool.discard(transaction.connection)
+
+    def _end(self, session: Session, transaction: Transaction) -> None:
+        """finish(), for this transaction only (connection_lost may have taken it)."""
+        if session.transaction is transaction:
+            self.finish(session)
+
+    def finish(self, session: Session, *, reset: bool = False) -> None:
+        """End the session's upstream transaction: back to the pool only when the
+        upstream is between transactions; reset first (RSET) when it may hold one;
+        closed when broken."""
+        transaction: Transaction | None = session.transaction
+        if transaction is None:
+            return
+        session.transaction = None
+        if transaction.broken:
+            self.pool.discard(transaction.connection)
+        elif reset or transaction.open or transaction.pending is not None:
+            self.pool.reset_and_release(transaction.connection, transaction.pending)
+        else:
+            self.pool.release(transaction.connection)
+
+    async def close(self) -> None:
+        if self.orphans:  # their outcome is logged before "stopped"
+            await asyncio.wait(list(self.orphans), timeout=self.config.timeout)
+        await self.pool.close()
+        self.calls.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+

@@ -1,0 +1,202 @@
+"""Who may send: the users (SMTP_AUTH_USERNAME and SMTP_USERS_FILE), their policies,
+password checks (constant-time, or bcrypt on a small pool of its own), and the per-IP
+lock-out after repeated failed AUTH.
+
+SMTPAuthHandler (in smtp_relay.py) makes the AUTH decision with these pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import os
+import re
+import time
+from typing import TYPE_CHECKING
+
+from relay.settings import (
+    BCRYPT_HASH,
+    DEFAULT_AUTH_PASSWORD,
+    ConfigError,
+    parse_domain_list,
+)
+
+if TYPE_CHECKING:
+    from relay.policy import DomainList
+    from relay.settings import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class UserPolicy:
+    """What one user may do; a session keeps the policy it had at AUTH."""
+
+    name: str
+    allowed_from_domains: DomainList
+    allowed_to_domains: DomainList
+    rate_limit_per_minute: int | None = None  # None: RATE_LIMIT_PER_MINUTE
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    policy: UserPolicy
+    password: bytes = b""  # the env user's plain password, or
+    password_hash: bytes = b""  # a bcrypt hash
+
+
+USERS_FILE_FORMAT = ("name:bcrypt-hash[:sender-domains[:recipient-domains"
+                     "[:messages-per-minute]]]")
+
+
+_USER_NAME = re.compile(r"[^\s:]{1,128}")
+
+
+def default_policy(config: Config, name: str = "") -> UserPolicy:
+    return UserPolicy(name, config.allowed_from_domains, config.allowed_to_domains)
+
+
+def parse_users_file(text: str, config: Config) -> dict[str, User]:
+    """SMTP_USERS_FILE: one user per line, `#` comments and blank lines ignored:
+
+        name:bcrypt-hash[:sender-domains[:recipient-domains[:messages-per-minute]]]
+
+    Domain fields are comma lists like ALLOWED_FROM_DOMAINS; an empty or missing field
+    falls back to ALLOWED_FROM_DOMAINS / ALLOWED_TO_DOMAINS / RATE_LIMIT_PER_MINUTE.
+    """
+    users: dict[str, User] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"SMTP_USERS_FILE line {number}"
+        fields = line.split(":")
+        if not 2 <= len(fields) <= 5:
+            raise ConfigError(f"{where}: expects {USERS_FILE_FORMAT}")
+        name, hashed, senders, recipients, rate = (fields + ["", "", ""])[:5]
+        if not _USER_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: expects a user name without spaces or colons")
+        if name in users:
+            raise ConfigError(f"{where}: user {name!r} is listed twice")
+        if not BCRYPT_HASH.fullmatch(hashed):
+            raise ConfigError(f"{where}: expects a bcrypt hash ($2b$ or $2y$) after "
+                              f"the name (python smtp_relay.py hash-password)")
+        rate = rate.strip()
+        if rate and not (rate.isascii() and rate.isdigit()):
+            raise ConfigError(f"{where}: expects a whole number of messages per minute")
+        policy = UserPolicy(
+            name,
+            parse_domain_list(senders, f"{where} sender domains")
+            if senders.strip() else config.allowed_from_domains,
+            parse_domain_list(recipients, f"{where} recipient domains")
+            if recipients.strip() else config.allowed_to_domains,
+            int(rate) if rate else None)
+        users[name] = User(policy, password_hash=hashed.encode("ascii"))
+    return users
+
+
+def load_users(config: Config) -> dict[str, User]:
+    """The env user (SMTP_AUTH_USERNAME) and SMTP_USERS_FILE's users together."""
+    users: dict[str, User] = {}
+    # With a users file, the env user exists only when given a password of its own:
+    # the built-in default must not stay a way in.
+    env_user_set = config.auth_password_hash or config.auth_password != \
+        DEFAULT_AUTH_PASSWORD
+    if not config.users_file or env_user_set:
+        users[config.auth_username] = User(
+            default_policy(config, config.auth_username),
+            config.auth_password.encode("utf-8"),
+            config.auth_password_hash.encode("ascii"))
+    if config.users_file:
+        try:
+            with open(config.users_file, encoding="utf-8") as users_file:
+                text = users_file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"SMTP_USERS_FILE={config.users_file!r}: cannot read "
+                              f"({reason}): expects a readable users file") from None
+        for name, user in parse_users_file(text, config).items():
+            if name in users:
+                raise ConfigError(f"SMTP_USERS_FILE: user {name!r} is also "
+                                  "SMTP_AUTH_USERNAME: expects each name once")
+            users[name] = user
+    return users
+
+
+BCRYPT_WORKERS = max(2, min(4, os.cpu_count() or 2))
+
+
+BCRYPT_CHECKS_PER_ADDRESS = max(1, BCRYPT_WORKERS // 2)
+
+
+BCRYPT_MAX_PASSWORD = 72  # bytes bcrypt reads; `htpasswd -B` ignores the rest
+
+
+class Gate:
+    """A per-address semaphore, kept only while someone uses it."""
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(BCRYPT_CHECKS_PER_ADDRESS)
+        self.users = 0
+
+
+class AuthGuard:
+    """Counts failed AUTH per client IP. AUTH_MAX_FAILURES of them within
+    AUTH_FAILURE_WINDOW seconds lock that IP out for AUTH_FAILURE_WINDOW seconds."""
+
+    MAX_TRACKED_ADDRESSES = 100_000  # memory bound under a distributed attack
+
+    def __init__(self, max_failures: int, window: float):
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, collections.deque[float]] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def locked(self, address: str) -> bool:
+        until = self._locked_until.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._locked_until[address]
+        return False
+
+    def record_failure(self, address: str) -> bool:
+        """Count one failure; True when it locks the address out."""
+        if self.max_failures <= 0:
+            return False
+        now = time.monotonic()
+        if address not in self._failures and len(self._failures) >= \
+                self.MAX_TRACKED_ADDRESSES:
+            self._forget_before(now - self.window)
+            if len(self._failures) >= self.MAX_TRACKED_ADDRESSES:
+                self._failures.pop(next(iter(self._failures)))
+        failures = self._failures.setdefault(address, collections.deque())
+        while failures and failures[0] < now - self.window:
+            failures.popleft()
+        failures.append(now)
+        if len(failures) < self.max_failures:
+            return False
+        # The failures stay (until they age out): withdraw() may take one back. They
+        # are all older than the window when the lock-out ends, so none counts again.
+        self._locked_until[address] = now + self.window
+        return True
+
+    def withdraw(self, address: str) -> None:
+        """Take back a failure counted before its check (record_failure): the
+        credentials were right. A lock-out it completed is lifted too."""
+        failures = self._failures.get(address)
+        if not failures:
+            return
+        failures.pop()
+        if len(failures) < self.max_failures:
+            self._locked_until.pop(address, None)
+        if not failures:
+            del self._failures[address]
+
+    def _forget_before(self, oldest: float) -> None:
+        for address in [a for a, f in self._failures.items() if f[-1] < oldest]:
+            del self._failures[address]
+        now = time.monotonic()
+        for address in [a for a, u in self._locked_until.items() if u <= now]:
+            del self._locked_until[address]
+

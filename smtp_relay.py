@@ -49,15 +49,13 @@ from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
     LoginPassword,
-    Session,
 )
 
+from relay import replies
 from relay.observability import (
     Metrics,
     log,
     log_event,
-    rejection_reason,
-    session_user,
     setup_logging,
 )
 from relay.operations import (
@@ -81,13 +79,17 @@ from relay.policy import (
     rfc5322_date,
 )
 from relay.protocol import (
+    RelayEnvelope,
+    RelaySession,
     RelaySMTP,
     SMTPSAcceptor,
     TooManyConnections,
     cannot_listen,
+    listening_port,
     new_message_id,
 )
 from relay.ratelimit import RateLimiter, sender_key
+from relay.replies import upstream_reason
 from relay.settings import (
     AUTH_MECHANISMS,
     DEFAULT_AUTH_PASSWORD,
@@ -110,8 +112,11 @@ from relay.users import (
 if TYPE_CHECKING:
     from relay.observability import LogHandler
     from relay.protocol import ProtocolTemplate
+    from relay.replies import Reply
     from relay.users import User, UserPolicy
 
+
+Verdict = tuple[str, bool]  # (the reply, hang up after it)
 
 __all__ = [
     "Config",
@@ -125,12 +130,14 @@ __all__ = [
 
 
 class SMTPAuthHandler:
-    """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the configured user.
+    """The whole AUTH decision: whether AUTH may happen now (not inside a transaction,
+    not from a locked-out address), the check of the credentials (PLAIN, LOGIN,
+    CRAM-MD5) against the users, the lock-out count, and the identity a session gets.
 
     aiosmtpd calls an authenticator synchronously, but a bcrypt check takes a good part
-    of a second, so `__call__` only captures the credentials and `verify` (awaited by
-    the protocol's smtp_AUTH) checks them. Name and password are both compared in
-    constant time, so timing says nothing about which was wrong.
+    of a second, so `__call__` only captures the credentials; the protocol's smtp_AUTH
+    then awaits `authenticate`. Name and password are both compared in constant time,
+    so timing says nothing about which was wrong.
 
     bcrypt runs on its own small pool (never the one that carries deliveries), at most
     BCRYPT_CHECKS_PER_ADDRESS at a time for one client address. A check waits for its
@@ -138,7 +145,11 @@ class SMTPAuthHandler:
     waiting never runs; a running check keeps its turn until bcrypt returns.
     """
 
-    def __init__(self, config: Config, executor: concurrent.futures.Executor | None = None):
+    def __init__(self, config: Config, guard: AuthGuard, metrics: Metrics,
+                 executor: concurrent.futures.Executor | None = None):
+        self.config = config
+        self.guard = guard  # failed AUTH per address: the lock-out
+        self.metrics = metrics
         self.users = load_users(config)
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=BCRYPT_WORKERS, thread_name_prefix="bcrypt")
@@ -157,10 +168,62 @@ class SMTPAuthHandler:
         self.users, self._accepted = users, set()
         return len(users)
 
-    def __call__(self, server: SMTP, session: Session, envelope: Any, mechanism: str,
-                 auth_data: Any) -> AuthResult:
+    def __call__(self, server: SMTP, session: RelaySession, envelope: RelayEnvelope,
+                 mechanism: str, auth_data: Any) -> AuthResult:
         session.credentials = (mechanism, auth_data)
-        return AuthResult(success=False, handled=True)  # the protocol answers
+        return AuthResult(success=False, handled=True)  # authenticate() answers
+
+    def refusal(self, session: RelaySession, in_transaction: bool) -> Verdict | None:
+        """Before the exchange: may this client try AUTH now?"""
+        if in_transaction:
+            # RFC 4954 section 4; a trusted client that began MAIL without AUTH would
+            # otherwise mix two policies in one transaction.
+            return self.metrics.record(replies.AUTH_IN_TRANSACTION, session), False
+        if self.guard.locked(session.peer_ip):
+            return self.metrics.record(replies.LOCKED_OUT, session), True
+        session.credentials = None
+        return None
+
+    @staticmethod
+    def take_credentials(session: RelaySession) -> tuple[str, Any] | None:
+        """What __call__ captured during aiosmtpd's exchange (None: aiosmtpd already
+        answered: a syntax error, an abort)."""
+        credentials, session.credentials = session.credentials, None
+        return credentials
+
+    async def authenticate(self, session: RelaySession, mechanism: str,
+                           credentials: Any) -> Verdict:
+        """Check the credentials; on success the session gets its user and policy."""
+        # Counted as a failure before the check and taken back if it succeeds: a client
+        # that leaves during the check (bcrypt runs on) is still counted.
+        self.guard.record_failure(session.peer_ip)
+        try:
+            user = await self.verify(mechanism, credentials, session.peer_ip)
+        except asyncio.CancelledError:
+            log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
+            raise
+        if user is not None:
+            self.guard.withdraw(session.peer_ip)
+            session.authenticated = True
+            session.user = user.policy.name
+            session.auth_data = user.policy.name
+            session.user_policy = user.policy  # kept for the session, across reloads
+            self.metrics.auth.labels("success").inc()
+            return self.metrics.record(replies.AUTH_OK, session, mechanism=mechanism), \
+                False
+        self.metrics.auth.labels("failure").inc()
+        locked_now = self.guard.locked(session.peer_ip)
+        reply = self.metrics.record(replies.AUTH_FAILED, session, mechanism=mechanism,
+                                    attempted_user=self.attempted_user(mechanism,
+                                                                       credentials))
+        # A pause before each "no" slows guessing; it blocks only this client.
+        await asyncio.sleep(self.config.auth_failure_delay)
+        if locked_now:
+            log_event(logging.ERROR, "auth-locked-out", session,
+                      failures=self.config.auth_max_failures,
+                      seconds=self.config.auth_failure_window)
+            return replies.LOCKED_OUT.format(), True
+        return reply, False
 
     async def verify(self, mechanism: str, credentials: Any, address: str = ""
                      ) -> User | None:
@@ -275,7 +338,7 @@ class SMTPRelayHandler:
         self.rate_limiter = rate_limiter
         self.metrics = metrics
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Any,
+    async def handle_EHLO(self, server: SMTP, session: RelaySession, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         await self._abandon(session)
@@ -284,118 +347,97 @@ class SMTPRelayHandler:
         responses.insert(-1, "250-PIPELINING")
         return responses
 
-    async def handle_HELO(self, server: SMTP, session: Session, envelope: Any,
+    async def handle_HELO(self, server: SMTP, session: RelaySession, envelope: Any,
                           hostname: str) -> str:
         session.host_name = hostname
         await self._abandon(session)
         return f"250 {server.hostname}"
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Any,
+    async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: RelayEnvelope,
                           address: str, mail_options: list[str]) -> str:
         policy = session.policy
-        if policy is None or not (session.authenticated or session.trusted):
-            log_event(logging.WARNING, "rejected", session, reason="not-authenticated")
-            self.metrics.rejected("auth", session)
-            return "530 5.7.0 Authentication required"
+        if policy is None:  # neither authenticated nor trusted
+            return self.metrics.record(replies.AUTH_REQUIRED, session)
         await self._abandon(session)
         session.message_id = new_message_id()
         session.started = time.monotonic()
         try:
             sender = parse_path(address, smtputf8="SMTPUTF8" in mail_options)
         except AddressError as error:
-            log_event(logging.WARNING, "sender-refused", session, address=address,
-                      reason=str(error))
-            self.metrics.rejected("address", session)
-            return error.reply
+            return self.metrics.record(error.kind, session, event="sender-refused",
+                                       detail=str(error), address=address)
         if not policy.allowed_from_domains.allows(sender.domain):
-            log_event(logging.WARNING, "sender-refused", session, address=str(sender),
-                      domain=sender.domain, reason="domain not allowed")
-            self.metrics.rejected("sender_domain", session)
-            return f"553 5.7.1 Sender domain {sender.domain} is not allowed"
+            return self.metrics.record(replies.SENDER_DOMAIN, session,
+                                       address=str(sender), domain=sender.domain)
         if self.rate_limiter.message_limits(policy.rate_limit_per_minute):
-            refusal = await self.rate_limiter.check_message(
+            limit = await self.rate_limiter.check_message(
                 sender_key(session), policy.rate_limit_per_minute)
-            if refusal is not None:
-                log_event(logging.WARNING, "rate-limited", session,
-                          **{"from": str(sender)}, reply=refusal)
-                self.metrics.rejected("rate", session)
-                return refusal
+            if limit is not None:
+                return self.metrics.record(replies.RATE_LIMITED, session, **limit,
+                                           **{"from": str(sender)})
         try:
             reply = await self.forwarder.begin(session, str(sender), mail_options)
         except UpstreamError as error:
-            log_event(logging.ERROR, "upstream-failed", session, stage="MAIL",
-                      **{"from": str(sender)}, reply=error.reply)
-            self.metrics.rejected("upstream_4xx", session)
-            return error.reply
+            return self.metrics.record(error.kind, session, detail=error.detail,
+                                       stage="MAIL", **{"from": str(sender)})
         if reply.startswith("250"):
             envelope.mail_from = str(sender)
             envelope.mail_options.extend(mail_options)
             log_event(logging.DEBUG, "sender-accepted", session, **{"from": str(sender)})
         else:
-            log_event(logging.WARNING, "sender-refused", session, address=str(sender),
-                      reason="upstream", reply=reply)
-            self.metrics.rejected(rejection_reason(reply), session)
+            self.metrics.record_upstream_refusal("sender-refused", reply, session,
+                                                 address=str(sender))
         return reply
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Any,
+    async def handle_RCPT(self, server: SMTP, session: RelaySession, envelope: RelayEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
-        fields = {"from": envelope.mail_from}
-        if session.transaction is None:  # the upstream transaction ended under us
-            return "451 4.4.2 Upstream transaction was lost: start the message again"
+        fields: dict[str, Any] = {"from": envelope.mail_from}
+        policy = session.policy
+        if session.transaction is None or policy is None:  # it ended under us
+            return self.metrics.record(replies.UPSTREAM_TRANSACTION_LOST, session,
+                                       detail="start the message again", **fields)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
-            log_event(logging.WARNING, "recipient-refused", session, **fields,
-                      address=address, reason="too many recipients")
-            self.metrics.rejected("too_many_recipients", session)
-            return f"452 4.5.3 Too many recipients (at most {self.config.max_recipients})"
+            return self.metrics.record(replies.TOO_MANY_RECIPIENTS, session, **fields,
+                                       address=address, limit=self.config.max_recipients)
         try:
             recipient = parse_path(address, smtputf8=envelope.smtp_utf8)
         except AddressError as error:
-            log_event(logging.WARNING, "recipient-refused", session, **fields,
-                      address=address, reason=str(error))
-            self.metrics.rejected("address", session)
-            return error.reply
-        if not session.policy.allowed_to_domains.allows(recipient.domain):
-            log_event(logging.WARNING, "recipient-refused", session, **fields,
-                      address=str(recipient), domain=recipient.domain,
-                      reason="domain not allowed")
-            self.metrics.rejected("recipient_domain", session)
-            return f"550 5.7.1 Recipient domain {recipient.domain} is not allowed"
+            return self.metrics.record(error.kind, session, event="recipient-refused",
+                                       detail=str(error), **fields, address=address)
+        if not policy.allowed_to_domains.allows(recipient.domain):
+            return self.metrics.record(replies.RECIPIENT_DOMAIN, session, **fields,
+                                       address=str(recipient), domain=recipient.domain)
         if self.rate_limiter.recipient_limit is not None:
-            refusal = await self.rate_limiter.check_recipient(sender_key(session))
-            if refusal is not None:
-                log_event(logging.WARNING, "rate-limited", session, **fields,
-                          to=str(recipient), reply=refusal)
-                self.metrics.rejected("rate", session)
-                return refusal
+            limit = await self.rate_limiter.check_recipient(sender_key(session))
+            if limit is not None:
+                return self.metrics.record(replies.RATE_LIMITED, session, **limit,
+                                           **fields, to=str(recipient))
         try:
             reply = await self.forwarder.add_recipient(session, str(recipient))
         except UpstreamError as error:
-            log_event(logging.ERROR, "upstream-failed", session, stage="RCPT", **fields,
-                      to=str(recipient), reply=error.reply)
-            self.metrics.rejected("upstream_4xx", session)
-            return error.reply
+            return self.metrics.record(error.kind, session, detail=error.detail,
+                                       stage="RCPT", **fields, to=str(recipient))
         if reply[:1] == "2":
             envelope.rcpt_tos.append(str(recipient))
         else:
-            log_event(logging.WARNING, "recipient-refused", session, **fields,
-                      address=str(recipient), reason="upstream", reply=reply)
-            self.metrics.rejected(rejection_reason(reply), session)
+            self.metrics.record_upstream_refusal("recipient-refused", reply, session,
+                                                 **fields, address=str(recipient))
         return reply
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Any) -> str:
+    async def handle_DATA(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope) -> str:
         content: bytes = envelope.smtp_data  # as the client sent it: dot-stuffed
-        fields = {"from": envelope.mail_from, "to": envelope.rcpt_tos,
-                  "size": len(envelope.original_content)}
-        refusal = self._refuse_content(content, session.policy)
-        if refusal is None and session.transaction is None:
-            refusal = "451 4.4.2 Upstream transaction was lost: send the message again"
+        fields: dict[str, Any] = {"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                                  "size": len(envelope.original_content or b"")}
+        policy = session.policy
+        refusal = self._refuse_content(content, policy) if policy is not None else None
+        if refusal is None and (session.transaction is None or policy is None):
+            refusal = replies.UPSTREAM_TRANSACTION_LOST, {"detail": "send the message "
+                                                          "again"}
         if refusal is not None:
             self.forwarder.finish(session, reset=True)
-            log_event(logging.WARNING, "message-refused", session, **fields,
-                      reply=refusal)
-            self.metrics.rejected("content" if refusal[:1] == "5" else "upstream_4xx",
-                                  session)
-            return refusal
+            kind, details = refusal
+            return self.metrics.record(kind, session, **fields, **details)
         message = self._received_header(server, session, envelope) + content
         # When the client leaves, aiosmtpd cancels this hook; the upstream may still
         # accept the message. The delivery goes on by itself and logs its outcome.
@@ -407,7 +449,7 @@ class SMTPRelayHandler:
             self.forwarder.outlive(delivery)
             raise
 
-    async def _deliver(self, session: Session, envelope: Any, message: bytes,
+    async def _deliver(self, session: RelaySession, envelope: RelayEnvelope, message: bytes,
                        fields: dict[str, Any]) -> str:
         """The data upstream; one `delivered` or `delivery-failed` line either way."""
         sent_at = time.monotonic()
@@ -418,58 +460,57 @@ class SMTPRelayHandler:
         now = time.monotonic()
         self.metrics.upstream_duration.observe(now - sent_at)
         duration_ms = round((now - session.started) * 1000, 1)
-        user = session_user(session) or "-"
         if accepted:
+            self.metrics.delivered(session, len(envelope.rcpt_tos), fields["size"])
             log_event(logging.INFO, "delivered", session, **fields, upstream=reply,
                       duration_ms=duration_ms)
-            self.metrics.messages_accepted.labels(user).inc()
-            self.metrics.recipients.labels(user).inc(len(envelope.rcpt_tos))
-            self.metrics.bytes.labels(user).inc(fields["size"])
             # The client's 250 names the relay's id too: one grep finds the log line.
             reply = f"{reply} (smtp-relay id {session.message_id})"
         else:
+            self.metrics.rejected(upstream_reason(reply), session)
             log_event(logging.ERROR, "delivery-failed", session, **fields,
                       upstream=reply, duration_ms=duration_ms)
-            self.metrics.rejected(rejection_reason(reply), session)
         session.message_id = None  # later lines about the connection are not about it
         return reply
 
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Any) -> str:
+    async def handle_RSET(self, server: SMTP, session: RelaySession, envelope: Any) -> str:
         await self._abandon(session)
         return "250 2.0.0 OK"
 
-    async def _abandon(self, session: Session) -> None:
+    async def _abandon(self, session: RelaySession) -> None:
         """The client gave up on its transaction: reset it upstream too."""
         if session.transaction is not None:
             log_event(logging.DEBUG, "transaction-abandoned", session)
             self.forwarder.finish(session, reset=True)
 
-    def _refuse_content(self, content: bytes, policy: UserPolicy) -> str | None:
+    def _refuse_content(self, content: bytes, policy: UserPolicy
+                        ) -> tuple[Reply, dict[str, Any]] | None:
+        """Why the data cannot go upstream: the reply and its fields, or None."""
         # No copies of the data here, and no work that grows with more than the first
         # HEADER_SECTION_LIMIT bytes past a few byte scans: this runs on the loop.
         problem = forbidden_in_data(content)
         if problem is not None:
-            return f"550 5.6.0 Message refused: {problem}"
+            return replies.SMUGGLING, {"problem": problem}
         hops = count_received_headers(
             content, min(header_block_end(content), HEADER_SECTION_LIMIT))
         if hops > self.config.max_hops:
-            return (f"554 5.4.6 Too many hops ({hops} Received: headers, at most "
-                    f"{self.config.max_hops}): mail loop?")
+            return replies.MAIL_LOOP, {"hops": hops, "limit": self.config.max_hops}
         if self.config.check_header_from:
             end = header_section_end(content, HEADER_SECTION_LIMIT)
             if end is None:
-                return (f"552 5.3.4 Message refused: header section too large (at most "
-                        f"{HEADER_SECTION_LIMIT // 1024 // 1024} MiB)")
+                return replies.HEADERS_TOO_LARGE, {
+                    "limit": HEADER_SECTION_LIMIT // 1024 // 1024}
             try:
                 domains = header_from_domains(header_from_fields(content, end))
             except AddressError as error:
-                return f"550 5.7.1 From: header refused: {error}"
+                return replies.HEADER_FROM, {"detail": str(error)}
             for domain in domains:
                 if not policy.allowed_from_domains.allows(domain):
-                    return f"550 5.7.1 From: header domain {domain} is not allowed"
+                    return replies.HEADER_FROM_DOMAIN, {"domain": domain}
         return None
 
-    def _received_header(self, server: SMTP, session: Session, envelope: Any) -> bytes:
+    def _received_header(self, server: RelaySMTP, session: RelaySession,
+                         envelope: RelayEnvelope) -> bytes:
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if server.encrypted:
             protocol += "S"
@@ -498,8 +539,8 @@ class SMTPRelayServer:
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
                                         self.metrics)
         self.default_policy = default_policy(config)
-        self.authenticator = SMTPAuthHandler(config)  # its own pool for bcrypt
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
+        self.authenticator = SMTPAuthHandler(config, self.auth_guard, self.metrics)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
         if self.tls_context is not None:  # the listeners' context, for good
@@ -537,10 +578,10 @@ class SMTPRelayServer:
         # come at once (connection_made follows a loop turn later; on SMTPS only after
         # the handshake): the slot is taken here, and given back in connection_closed.
         if len(self.connections) >= self.config.max_connections:
-            self.metrics.connections_refused.labels("max_connections").inc()
-            log_event(logging.WARNING, "connection-refused",
-                      reason="MAX_CONNECTIONS reached", limit=self.config.max_connections)
-            return TooManyConnections(reply=not implicit_tls)
+            reply = self.metrics.record(replies.TOO_MANY_CONNECTIONS,
+                                        reason="MAX_CONNECTIONS reached",
+                                        limit=self.config.max_connections)
+            return TooManyConnections(reply if not implicit_tls else "")
         options = self._smtps_options if implicit_tls else self._smtp_options
         protocol = RelaySMTP(self, implicit_tls=implicit_tls,
                               loop=asyncio.get_running_loop(), **options)
@@ -561,17 +602,18 @@ class SMTPRelayServer:
         protocol.over_ip_limit = self._per_ip[address] > limit
         return not protocol.over_ip_limit
 
-    def refused_over_ip_limit(self, session: Session | None, peer: str | None) -> str:
-        self.metrics.connections_refused.labels("max_connections_per_ip").inc()
-        log_event(logging.WARNING, "connection-refused", session,
-                  **({} if session is not None else {"peer": peer}),
-                  reason="MAX_CONNECTIONS_PER_IP reached",
-                  limit=self.config.max_connections_per_ip)
-        return "421 4.7.0 Too many connections from your address, try again later"
+    def refused_over_ip_limit(self, session: RelaySession | None, peer: str | None
+                              ) -> str:
+        where: dict[str, Any] = {} if session is not None else {"peer": peer}
+        return self.metrics.record(replies.TOO_MANY_FROM_ADDRESS, session, **where,
+                                   reason="MAX_CONNECTIONS_PER_IP reached",
+                                   limit=self.config.max_connections_per_ip)
 
-    def connection_refusal(self, session: Session, over_ip_limit: bool = False
+    def connection_refusal(self, session: RelaySession, over_ip_limit: bool = False
                            ) -> str | None:
-        """The connection checker: None to serve this client, else the reply."""
+        """The connection checker, before the greeting: None to serve this client,
+        else the reply. It decides, once per connection, whether the client is
+        trusted (session.client.trusted_policy)."""
         try:
             address = ipaddress.ip_address(session.peer_ip.split("%")[0])
         except ValueError:  # not an IP peer (a Unix socket): nothing to match
@@ -580,21 +622,15 @@ class SMTPRelayServer:
             address = address.ipv4_mapped
         networks = self.config.allowed_client_networks
         if networks and not any(address in network for network in networks):
-            self.metrics.connections_refused.labels("network").inc()
-            log_event(logging.WARNING, "connection-refused", session,
-                      reason="not in ALLOWED_CLIENT_NETWORKS")
-            return "554 5.7.1 Your address is not allowed to use this relay"
+            return self.metrics.record(replies.CLIENT_NOT_ALLOWED, session,
+                                       reason="not in ALLOWED_CLIENT_NETWORKS")
         if over_ip_limit:
             return self.refused_over_ip_limit(session, session.peer_ip)
         if self.auth_guard.locked(session.peer_ip):
-            self.metrics.connections_refused.labels("locked_out").inc()
-            log_event(logging.WARNING, "connection-refused", session,
-                      reason="locked out after failed logins")
-            return "421 4.7.0 Too many failed logins from your address; try again later"
-        session.trusted = any(address in network
-                              for network in self.config.trusted_networks)
-        if session.trusted:
-            session.policy = self.default_policy
+            return self.metrics.record(replies.LOCKED_OUT, session,
+                                       reason="locked out after failed logins")
+        if any(address in network for network in self.config.trusted_networks):
+            session.client.trusted_policy = self.default_policy
         self.metrics.connections.inc()
         return None
 
@@ -629,7 +665,7 @@ class SMTPRelayServer:
 
     @property
     def port(self) -> int:
-        return self._servers[0].sockets[0].getsockname()[1]
+        return listening_port(self._servers[0])
 
     @property
     def serving(self) -> bool:
@@ -681,7 +717,7 @@ class SMTPRelayServer:
     def smtps_port(self) -> int | None:
         if len(self._servers) < 2:
             return None
-        return self._servers[1].sockets[0].getsockname()[1]
+        return listening_port(self._servers[1])
 
     async def stop(self) -> None:
         """Stop accepting; let deliveries in flight finish (bounded by TIMEOUT)."""
@@ -739,15 +775,21 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload, log_handler)
-    if ready is not None:
-        await ready(server)
-    await stop.wait()
-    log_event(logging.INFO, "stopping", in_flight=sum(
-        1 for p in server.connections if p.in_flight))
-    if http is not None:
-        http.close()
-    await server.stop()
-    log_event(logging.INFO, "stopped")
+    if log_handler is not None:
+        log_handler.attach(loop)  # lines of one loop turn written together
+    try:
+        if ready is not None:
+            await ready(server)
+        await stop.wait()
+        log_event(logging.INFO, "stopping", in_flight=sum(
+            1 for p in server.connections if p.in_flight))
+        if http is not None:
+            http.close()
+        await server.stop()
+        log_event(logging.INFO, "stopped")
+    finally:
+        if log_handler is not None:
+            log_handler.attach(None)  # and whatever is pending, now
     return 0
 
 

@@ -8,23 +8,24 @@ one call that writes an outcome's log line and counts it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
-from aiosmtpd.smtp import (
-    Session,
-)
 
 from relay.policy import one_line
+from relay.replies import Reply, upstream_reason
 from relay.settings import ConfigError
 
 if TYPE_CHECKING:
+    from relay.protocol import RelaySession
     from relay.settings import Config
 
 
@@ -43,7 +44,7 @@ def log_field(value: object) -> str:
     return text
 
 
-def log_event(level: int, event: str, session: Session | None = None, **fields: Any) -> None:
+def log_event(level: int, event: str, session: RelaySession | None = None, **fields: Any) -> None:
     if not log.isEnabledFor(level):
         return
     if session is not None:
@@ -53,7 +54,7 @@ def log_event(level: int, event: str, session: Session | None = None, **fields: 
     log.log(level, event, extra={"event": event, "fields": fields})
 
 
-def session_user(session: Session) -> str | None:
+def session_user(session: RelaySession) -> str | None:
     user = getattr(session, "user", None)
     if user is None and getattr(session, "trusted", False):
         return f"trusted:{session.peer_ip}"
@@ -78,7 +79,7 @@ class TextFormatter(logging.Formatter):
         if fields is None:  # a plain log.warning(...): start-up notes, library lines
             text = one_line(record.getMessage())
         else:
-            text = " ".join([record.event] + [f"{key}={log_field(value)}"
+            text = " ".join([getattr(record, "event", "")] + [f"{key}={log_field(value)}"
                                               for key, value in fields.items()
                                               if value is not None])
         line = f"{self.timestamp(record)} {record.levelname} {text}"
@@ -130,6 +131,11 @@ class LogHandler(logging.Handler):
 
     The file rotates at LOG_MAX_BYTES (LOG_BACKUP_COUNT old files: .1 newest), and
     reopen() (on SIGHUP) starts a new file after an external logrotate moved it.
+
+    Lines logged on the event loop are written together at the end of the loop's
+    current turn (one write and flush per stream, not one per line: each write gives
+    up the GIL to the upstream threads); lines from other threads, or with no loop
+    attached, are written at once, after any still pending, so the order holds.
     """
 
     def __init__(self, path: str, max_bytes: int, backup_count: int):
@@ -137,13 +143,22 @@ class LogHandler(logging.Handler):
         self.path, self.max_bytes, self.backup_count = path, max_bytes, backup_count
         self.file: Any = None
         self.size = 0
+        self._pending: list[str] = []  # formatted lines not yet written
+        self._loop: asyncio.AbstractEventLoop | None = None  # see attach
+        self._loop_thread = 0
         if path:
             self.reopen()
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Batch the lines logged on `loop` (None: write every line at once again)."""
+        self.flush()
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
     def reopen(self) -> None:
         """Open the file anew (first, so a failure keeps the old one in use)."""
         new = open(self.path, "a", encoding="utf-8",  # noqa: SIM115
                    errors="backslashreplace")  # never a line lost to an odd character
+        assert self.lock is not None  # Handler.__init__ made it
         with self.lock:
             old, self.file, self.size = self.file, new, new.tell()
         if old is not None:
@@ -164,18 +179,55 @@ class LogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            if self.file is not None:
-                length = len(line) if line.isascii() else len(
-                    line.encode("utf-8", "backslashreplace"))
-                if self.max_bytes and self.size and self.size + length > self.max_bytes:
-                    self._rotate()
-                self.file.write(line)
-                self.file.flush()
-                self.size += length
         except Exception:  # noqa: BLE001 (a logging failure must never break a delivery)
             self.handleError(record)
+            return
+        assert self.lock is not None  # Handler.__init__ made it
+        with self.lock:
+            self._pending.append(line)
+            batch = len(self._pending) > 1
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and \
+                not loop.is_closed():
+            if not batch:  # the first line of this turn: write them all at its end
+                loop.call_soon(self.flush)
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending: one write and one flush per stream."""
+        assert self.lock is not None
+        with self.lock:
+            lines, self._pending = self._pending, []
+            if not lines:
+                return
+            text = "".join(lines)
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+                if self.file is not None:
+                    self._write_file(lines)
+            except Exception:  # noqa: BLE001 (never break a delivery)
+                self.handleError(logging.makeLogRecord({"msg": text.rstrip("\n")}))
+
+    def _write_file(self, lines: list[str]) -> None:
+        chunk: list[str] = []
+        for line in lines:
+            length = len(line) if line.isascii() else len(
+                line.encode("utf-8", "backslashreplace"))
+            if self.max_bytes and self.size and self.size + length > self.max_bytes:
+                if chunk:
+                    self.file.write("".join(chunk))
+                    chunk = []
+                self._rotate()
+            chunk.append(line)
+            self.size += length
+        self.file.write("".join(chunk))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
 
 def setup_logging(config: Config) -> LogHandler:
@@ -312,11 +364,37 @@ class Metrics:
             "smtp_relay_upstream_sessions_reused",
             "Transactions that reused a pooled upstream session.", registry=registry)
 
-    def rejected(self, reason: str, session: Session) -> None:
-        self.messages_rejected.labels(reason, session_user(session) or "-").inc()
+    def delivered(self, session: RelaySession, recipients: int, size: int) -> None:
+        user = session_user(session) or "-"
+        self.messages_accepted.labels(user).inc()
+        self.recipients.labels(user).inc(recipients)
+        self.bytes.labels(user).inc(size)
 
+    def rejected(self, reason: str, session: RelaySession | None) -> None:
+        user = session_user(session) if session is not None else None
+        self.messages_rejected.labels(reason, user or "-").inc()
 
-def rejection_reason(reply: str) -> str:
-    """Metric label for an upstream refusal."""
-    return "upstream_4xx" if reply[:1] == "4" else "upstream_5xx"
+    def record(self, reply: Reply, session: RelaySession | None = None, *,
+               event: str = "", **fields: Any) -> str:
+        """The one place a reply the relay makes itself is written down: its log line
+        (the reply's event, or `event` for a reply used at several stages, its level,
+        the session's fields, `fields`, the reply text) and its count under the
+        reply's metric reason. Returns the reply line for the client; `fields` also
+        fill its template."""
+        text = reply.format(**fields)
+        if reply.reason:
+            if reply.counter == "connections_refused":
+                self.connections_refused.labels(reply.reason).inc()
+            else:
+                self.rejected(reply.reason, session)
+        log_event(reply.level, event or reply.event, session, **fields, reply=text)
+        return text
+
+    def record_upstream_refusal(self, event: str, reply: str, session: RelaySession,
+                                **fields: Any) -> None:
+        """A refusal that came from the upstream: passed on as it is, counted as
+        upstream_4xx or upstream_5xx."""
+        self.rejected(upstream_reason(reply), session)
+        log_event(logging.WARNING, event, session, **fields, reason="upstream",
+                  reply=reply)
 

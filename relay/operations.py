@@ -10,6 +10,7 @@ import socket
 import ssl
 import sys
 import time
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +21,15 @@ from aiosmtpd.smtp import (
 )
 
 from relay.observability import setup_logging
-from relay.protocol import cannot_listen
+from relay.protocol import cannot_listen, listening_port
 from relay.settings import load_config, upstream_tls_context
-from relay.upstream import UpstreamConnection, UpstreamError, describe_error, reply_text
+from relay.upstream import (
+    Handshake,
+    UpstreamConnection,
+    UpstreamError,
+    describe_error,
+    reply_text,
+)
 from relay.users import BCRYPT_MAX_PASSWORD, load_users
 
 if TYPE_CHECKING:
@@ -54,10 +61,7 @@ class ReadinessProbe:
         connection = UpstreamConnection(self.config, self.pool.tls_context)
         try:
             await self.pool.run(connection.open)
-            steps = ["connect", "EHLO"] + (["STARTTLS"] if self.config.relay_use_tls
-                                           else []) + (["AUTH"] if
-                                                       self.config.relay_username else [])
-            answer = (True, "upstream answered: " + ", ".join(steps))
+            answer = (True, "upstream answered: " + ", ".join(connection.handshake.steps()))
         except UpstreamError as error:
             answer = (False, f"upstream not ready: {error}")
         finally:
@@ -86,12 +90,12 @@ class HTTPEndpoint:
                 limit=self.MAX_REQUEST)
         except OSError as error:
             raise cannot_listen("HTTP_HOST/HTTP_PORT", config.http_host,
-                                config.http_port, error) from None
+                                config.http_port or 0, error) from None
 
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        return listening_port(self._server)
 
     def close(self) -> None:
         if self._server is not None:
@@ -157,7 +161,7 @@ async def run_demo(serve: Serve, env: dict[str, str]) -> int:
         lambda: SMTP(Debugging(sys.stdout), hostname="demo-upstream", loop=loop),
         "127.0.0.1", 0)
     env = {**env, "RELAY_HOST": "127.0.0.1",
-           "RELAY_PORT": str(upstream.sockets[0].getsockname()[1])}
+           "RELAY_PORT": str(listening_port(upstream))}
     config = load_config(env)
     setup_logging(config)
 
@@ -212,9 +216,9 @@ class UpstreamCheck:
     def __init__(self, config: Config, out: Any = sys.stdout):
         self.config = config
         self.out = out
-        self.smtp: smtplib.SMTP | None = None
-        self.tls_context = (upstream_tls_context(config) if config.relay_use_tls
-                            or config.relay_use_ssl else None)
+        self.handshake = Handshake(config, upstream_tls_context(config)
+                                   if config.relay_use_tls or config.relay_use_ssl
+                                   else None)
 
     def say(self, step: str, ok: bool, detail: str, fix: str = "") -> bool:
         self.out.write(f"{'ok  ' if ok else 'FAIL'} {step:<10} {detail}\n")
@@ -223,15 +227,18 @@ class UpstreamCheck:
         return ok
 
     def run(self) -> bool:
+        if not (self.dns() and self.tcp()):
+            return False
+        smtp = self.banner()
+        if smtp is None:
+            return False
         try:
-            return (self.dns() and self.tcp() and self.banner() and self.ehlo()
-                    and self.starttls() and self.auth())
+            return self.ehlo(smtp) and self.starttls(smtp) and self.auth(smtp)
         finally:
-            if self.smtp is not None:
-                try:
-                    self.smtp.quit()
-                except (smtplib.SMTPException, OSError):
-                    self.smtp.close()
+            try:
+                smtp.quit()
+            except (smtplib.SMTPException, OSError):
+                smtp.close()
 
     def dns(self) -> bool:
         host, port = self.config.relay_host, self.config.relay_port
@@ -240,7 +247,7 @@ class UpstreamCheck:
         except socket.gaierror as error:
             return self.say("DNS", False, f"{host}: {error.strerror}",
                             "check RELAY_HOST's spelling and this machine's DNS")
-        addresses = sorted({info[4][0] for info in infos})
+        addresses = sorted({str(info[4][0]) for info in infos})
         return self.say("DNS", True, f"{host} -> {', '.join(addresses)}")
 
     def tcp(self) -> bool:
@@ -254,62 +261,58 @@ class UpstreamCheck:
                             "firewalls")
         return self.say("TCP", True, f"connected to {host}:{port}")
 
-    def banner(self) -> bool:
-        config = self.config
+    def banner(self) -> smtplib.SMTP | None:
+        """The handshake's connect step; the session, or None when it failed."""
         try:
-            if config.relay_use_ssl:
-                self.smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=self.tls_context,
-                                             local_hostname=config.smtp_hostname)
-            else:
-                self.smtp = smtplib.SMTP(timeout=config.timeout,
-                                         local_hostname=config.smtp_hostname)
-            # smtplib checks the certificate against _host, which only its constructor
-            # sets: connect() alone would leave it empty.
-            self.smtp._host = config.relay_host
-            code, text = self.smtp.connect(config.relay_host, config.relay_port)
+            smtp, code, text = self.handshake.connect()
         except ssl.SSLCertVerificationError as error:
-            return self.say("TLS", False, describe_error(error), self._certificate_fix(error))
+            self.say("TLS", False, describe_error(error), self._certificate_fix(error))
+            return None
         except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
             fix = ("this port does not speak TLS first: use RELAY_USE_TLS=true and "
                    "RELAY_USE_SSL=false (STARTTLS, usually port 587)"
-                   if config.relay_use_ssl else
+                   if self.config.relay_use_ssl else
                    "the server said nothing: port 465 expects implicit TLS "
                    "(RELAY_USE_SSL=true, RELAY_USE_TLS=false)")
-            return self.say("banner", False, describe_error(error), fix)
+            self.say("banner", False, describe_error(error), fix)
+            return None
         if code != 220:
-            return self.say("banner", False, f"{code} {reply_text(text)}",
-                            "the upstream refuses connections from this address")
-        return self.say("banner", True, f"{code} {reply_text(text)}")
+            self.say("banner", False, f"{code} {text}",
+                     "the upstream refuses connections from this address")
+            smtp.close()
+            return None
+        self.say("banner", True, f"{code} {text}")
+        return smtp
 
-    def ehlo(self) -> bool:
-        code, text = self.smtp.ehlo()
+    def ehlo(self, smtp: smtplib.SMTP) -> bool:
+        code, text = self.handshake.ehlo(smtp)
         if code != 250:
-            return self.say("EHLO", False, f"{code} {reply_text(text)}",
+            return self.say("EHLO", False, f"{code} {text}",
                             "the upstream refused our EHLO: set SMTP_HOSTNAME to a "
                             "proper host name")
         return self.say("EHLO", True, "extensions: " + " ".join(
-            sorted(self.smtp.esmtp_features)))
+            sorted(smtp.esmtp_features)))
 
-    def starttls(self) -> bool:
+    def starttls(self, smtp: smtplib.SMTP) -> bool:
         if not self.config.relay_use_tls:
             detail = ("implicit TLS (RELAY_USE_SSL)" if self.config.relay_use_ssl
                       else "off (RELAY_USE_TLS=false): mail goes in plaintext")
             return self.say("STARTTLS", True, detail)
-        if not self.smtp.has_extn("starttls"):
-            return self.say("STARTTLS", False, "not offered by the upstream",
-                            "use the provider's submission port (587), or "
-                            "RELAY_USE_SSL=true on 465")
         try:
-            self.smtp.starttls(context=self.tls_context)
+            offered = self.handshake.starttls(smtp)
         except ssl.SSLCertVerificationError as error:
             return self.say("STARTTLS", False, describe_error(error),
                             self._certificate_fix(error))
         except (ssl.SSLError, smtplib.SMTPException, OSError, ValueError) as error:
             return self.say("STARTTLS", False, describe_error(error), "")
-        certificate = self.smtp.sock.getpeercert() or {}
+        if not offered:
+            return self.say("STARTTLS", False, "not offered by the upstream",
+                            "use the provider's submission port (587), or "
+                            "RELAY_USE_SSL=true on 465")
+        sock = typing.cast(ssl.SSLSocket, smtp.sock)
+        certificate: Any = sock.getpeercert() or {}
         subject = dict(item[0] for item in certificate.get("subject", ()))
-        self.smtp.ehlo()
-        return self.say("STARTTLS", True, f"{self.smtp.sock.version()}, certificate "
+        return self.say("STARTTLS", True, f"{sock.version()}, certificate "
                         f"for {subject.get('commonName', '?')}, valid until "
                         f"{certificate.get('notAfter', '?')}")
 
@@ -321,14 +324,14 @@ class UpstreamCheck:
         return ("the certificate's issuer is not trusted: set RELAY_TLS_CA_FILE to "
                 "the CA that signed it (RELAY_TLS_VERIFY=false only for testing)")
 
-    def auth(self) -> bool:
+    def auth(self, smtp: smtplib.SMTP) -> bool:
         if not self.config.relay_username:
             return self.say("AUTH", True, "not configured (RELAY_USERNAME empty)")
-        if not self.smtp.has_extn("auth"):
+        if not smtp.has_extn("auth"):
             return self.say("AUTH", False, "the upstream offers no AUTH here",
                             "AUTH is usually offered only after TLS and on port 587")
         try:
-            self.smtp.login(self.config.relay_username, self.config.relay_password)
+            self.handshake.auth(smtp)
         except smtplib.SMTPAuthenticationError as error:
             text = reply_text(error.smtp_error)
             fix = ("the provider wants an app password (Gmail, Microsoft 365) or "

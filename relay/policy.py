@@ -17,6 +17,8 @@ import socket
 
 import idna
 
+from relay import replies
+
 
 @dataclasses.dataclass(frozen=True)
 class DomainList:
@@ -46,16 +48,24 @@ def one_line(value: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in text.replace("\n", " "))
 
 
+_ADDRESS_REPLIES = {"553 5.1.3": replies.MALFORMED_ADDRESS,
+                    "553 5.7.1": replies.AMBIGUOUS_ROUTING,
+                    "553 5.6.7": replies.NEEDS_SMTPUTF8,
+                    "550 5.7.1": replies.HEADER_FROM_MISSING}
+
+
 class AddressError(ValueError):
-    """An address is refused. `code` and the text are what the client is told."""
+    """An address is refused. `kind` (by its code) and the text are what the client is
+    told."""
 
     def __init__(self, reason: str, code: str = "553 5.1.3"):
         super().__init__(reason)
         self.code = code
+        self.kind = _ADDRESS_REPLIES[code]
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self}"
+        return self.kind.format(detail=str(self))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -17,19 +19,22 @@ import secrets
 import ssl
 import time
 import types
+import typing
 from asyncio import sslproto
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import (
     MISSING,
     SMTP,
     AuthResult,
+    Envelope,
     Session,
     TLSSetupException,
     syntax,
 )
 
+from relay import replies
 from relay.observability import log, log_event
 from relay.policy import long_line_in, split_path
 from relay.settings import ConfigError
@@ -41,26 +46,76 @@ if TYPE_CHECKING:
     from smtp_relay import SMTPRelayServer
 
 
+@dataclasses.dataclass
+class Client:
+    """What is known about a connection's client before its first command, kept for
+    the whole connection (across STARTTLS, which gives aiosmtpd a new Session). Every
+    field has one writer: the protocol (peer_ip) or the connection checker,
+    SMTPRelayServer.admit (trusted_policy)."""
+
+    peer_ip: str = ""  # the client's address, as a string (connection_made)
+    trusted_policy: UserPolicy | None = None  # set when in TRUSTED_NETWORKS (admit)
+
+
 class RelaySession(Session):
-    """aiosmtpd's per-connection Session, plus what the relay tracks about it."""
+    """aiosmtpd's per-connection Session, plus what the relay tracks about it.
+
+    Each field has one writer, named beside it; readers use the properties.
+    """
 
     # aiosmtpd still assigns this deprecated field after AUTH and logs a warning each
     # time through its property; a plain attribute keeps the log clean.
     login_data = None
+    auth_data: Any  # aiosmtpd's: the user's name after AUTH (SMTPAuthHandler)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: Client):
         super().__init__(loop)
-        self.user: str | None = None
-        self.peer_ip: str | None = None
-        self.trusted = False  # from TRUSTED_NETWORKS: may send without AUTH
-        self.policy: UserPolicy | None = None  # the user's, from AUTH (or trusted)
-        self.credentials: tuple[str, Any] | None = None  # AUTH data awaiting a check
+        self.client = client  # the connection's (RelaySMTP), shared across STARTTLS
+        # SMTPAuthHandler: the AUTH in progress and its verdict.
+        self.credentials: tuple[str, Any] | None = None  # awaiting a check
+        self.user: str | None = None  # the authenticated user's name
+        self.user_policy: UserPolicy | None = None  # theirs at AUTH, kept across reloads
+        # SMTPRelayHandler: the message of the transaction in progress.
         self.message_id: str | None = None
+        self.started = 0.0  # when its MAIL arrived (monotonic)
+        # Forwarder: the upstream half of the transaction.
         self.transaction: Transaction | None = None
-        self.busy = False  # waiting on the upstream
+        # RelaySMTP: where the client is in the dialogue.
         self.receiving_data = False  # between 354 and the end of the data
+        # RelaySession itself (touch, waiting_on_upstream): for the idle timer.
+        self.busy = False  # waiting on the upstream
         self.active_at = time.monotonic()  # last command, DATA bytes or upstream reply
-        self.started = 0.0
+
+    @property
+    def peer_ip(self) -> str:
+        return self.client.peer_ip
+
+    @property
+    def trusted(self) -> bool:
+        """From TRUSTED_NETWORKS: may send without AUTH."""
+        return self.client.trusted_policy is not None
+
+    @property
+    def policy(self) -> UserPolicy | None:
+        """What this client may do: its user's policy after AUTH, else the trusted
+        networks' policy, else nothing."""
+        if self.user_policy is not None:
+            return self.user_policy
+        return self.client.trusted_policy
+
+    def touch(self) -> None:
+        """The client did something that counts against the idle timer."""
+        self.active_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def waiting_on_upstream(self) -> Iterator[None]:
+        """The client waits for the upstream: not idle, however long it takes."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
+            self.active_at = time.monotonic()  # the client's wait ends now
 
 
 _MESSAGE_IDS = itertools.count(1)
@@ -139,6 +194,12 @@ def _answered_in_groups(method: Callable[..., Awaitable[None]]
     return answer
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's Envelope, plus the data as the client sent it."""
+
+    smtp_data: bytes = b""  # still dot-stuffed, without the final ".<CRLF>" (smtp_DATA)
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with the few changes a relay needs.
 
@@ -153,6 +214,19 @@ class RelaySMTP(SMTP):
     # send before it is disconnected, as Postfix's smtpd_hard_error_limit.
     MAX_REFUSED_COMMANDS = 20
 
+    session: RelaySession | None  # aiosmtpd's attributes, with the relay's types
+    envelope: RelayEnvelope | None
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    def current(self) -> tuple[RelaySession, RelayEnvelope]:
+        """The session and envelope, which exist from connection_made on (every
+        command handler runs after it). A method, not a property: aiosmtpd's
+        inspect.getmembers reads every property of a new protocol."""
+        assert self.session is not None and self.envelope is not None
+        return self.session, self.envelope
+
     def __init__(self, server: SMTPRelayServer, *, implicit_tls: bool = False,
                  **kwargs: Any):
         template = server.protocol_templates.get(implicit_tls)
@@ -163,6 +237,7 @@ class RelaySMTP(SMTP):
             server.protocol_templates[implicit_tls] = ProtocolTemplate(self)
         self._relay_server = server
         self.implicit_tls = implicit_tls  # the SMTPS listener: TLS from the first byte
+        self.client = Client()  # the connection's, across STARTTLS
         self.connected = False  # connection_made has run (SMTPS: after the handshake)
         self.raw_transport: asyncio.BaseTransport | None = None  # SMTPS: the TCP one
         self.claimed_ip: str | None = None  # counted for MAX_CONNECTIONS_PER_IP
@@ -184,7 +259,7 @@ class RelaySMTP(SMTP):
         # The connection checker: before the greeting, refuse clients from outside
         # ALLOWED_CLIENT_NETWORKS, over MAX_CONNECTIONS_PER_IP, and addresses locked
         # out for guessing passwords.
-        session = self.session
+        session, _ = self.current()
         refusal = self._relay_server.connection_refusal(session, self.over_ip_limit)
         if refusal is not None:
             self._hang_up(refusal.encode() + b"\r\n")
@@ -193,53 +268,21 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     async def smtp_AUTH(self, arg: str) -> None:
-        server, session = self._relay_server, self.session
-        if self.envelope.mail_from:
-            # RFC 4954 section 4; a trusted client that began MAIL without AUTH would
-            # otherwise mix two policies in one transaction.
-            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
-            return
-        if server.auth_guard.locked(session.peer_ip):
-            await self._locked_out()
-            return
-        session.credentials = None
-        await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
-        if session.credentials is None:
-            return  # aiosmtpd already answered (syntax error, abort, already done)
-        mechanism, credentials = session.credentials
-        session.credentials = None
-        # Counted as a failure before the check and taken back if it succeeds: a client
-        # that leaves during the check (bcrypt runs on) is still counted.
-        server.auth_guard.record_failure(session.peer_ip)
-        try:
-            user = await server.authenticator.verify(mechanism, credentials,
-                                                     session.peer_ip)
-        except asyncio.CancelledError:
-            log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
-            raise
-        if user is not None:
-            server.auth_guard.withdraw(session.peer_ip)
-            session.authenticated = True
-            session.user = session.auth_data = user.policy.name
-            session.policy = user.policy  # kept for the session, even across reloads
-            server.metrics.auth.labels("success").inc()
-            log_event(logging.INFO, "auth-ok", session, mechanism=mechanism)
-            await self.push("235 2.7.0 Authentication successful")
-            return
-        server.metrics.auth.labels("failure").inc()
-        attempted = server.authenticator.attempted_user(mechanism, credentials)
-        log_event(logging.WARNING, "auth-failed", session, mechanism=mechanism,
-                  attempted_user=attempted)
-        locked_now = server.auth_guard.locked(session.peer_ip)
-        # A pause before each "no" slows guessing; it blocks only this client.
-        await asyncio.sleep(server.config.auth_failure_delay)
-        if locked_now:
-            log_event(logging.ERROR, "auth-locked-out", session,
-                      failures=server.config.auth_max_failures,
-                      seconds=server.config.auth_failure_window)
-            await self._locked_out()
+        # SMTPAuthHandler makes the whole decision; aiosmtpd runs the exchange between
+        # its checks before (refusal) and after (authenticate).
+        authenticator, (session, envelope) = self._relay_server.authenticator, self.current()
+        verdict = authenticator.refusal(session, bool(envelope.mail_from))
+        if verdict is None:
+            await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
+            credentials = authenticator.take_credentials(session)
+            if credentials is None:
+                return  # aiosmtpd already answered (syntax error, abort, already done)
+            verdict = await authenticator.authenticate(session, *credentials)
+        reply, hang_up = verdict
+        if hang_up:
+            self._hang_up(reply.encode() + b"\r\n")
         else:
-            await self.push("535 5.7.8 Authentication credentials invalid")
+            await self.push(reply)
 
     async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
                              log_client_response: bool = False) -> Any:
@@ -261,7 +304,7 @@ class RelaySMTP(SMTP):
                     break
                 except asyncio.LimitOverrunError as longer:
                     error = longer
-            await self.push("500 5.5.6 Authentication exchange line is too long")
+            await self.push(replies.AUTH_LINE_TOO_LONG.format())
             return MISSING
         blob = line.strip()
         if blob == b"*":  # the client cancels
@@ -279,12 +322,12 @@ class RelaySMTP(SMTP):
         # aiosmtpd takes any SIZE value that str.isdigit() likes and then calls int(),
         # which refuses "\u00b2" (a 451 and a traceback). RFC 1870: ASCII digits.
         path = self._strip_command_keyword("FROM:", arg) if arg else None
-        if path is not None and self.session.host_name:
+        if path is not None and self.current()[0].host_name:
             _, parameters = self._getaddr(path)
             for parameter in (parameters or "").upper().split():
                 name, equals, value = parameter.partition("=")
                 if name == "SIZE" and equals and not (value.isascii() and value.isdigit()):
-                    await self.push("501 5.5.4 Syntax: SIZE=<size in bytes, digits>")
+                    await self.push(replies.SIZE_SYNTAX.format())
                     return
         await super().smtp_MAIL(arg)
 
@@ -325,19 +368,13 @@ class RelaySMTP(SMTP):
                 session.authenticated or session.trusted):
             self._refused_commands += 1
             if self._refused_commands >= self.MAX_REFUSED_COMMANDS:
-                log_event(logging.WARNING, "too-many-errors", session,
-                          refused=self._refused_commands)
-                self._hang_up(b"421 4.7.0 Too many errors, closing connection\r\n")
+                self._hang_up_with(replies.TOO_MANY_ERRORS, refused=self._refused_commands)
                 raise asyncio.CancelledError
-
-    async def _locked_out(self) -> None:
-        self._hang_up(b"421 4.7.0 Too many failed logins from your address; try "
-                      b"again later\r\n")
 
     async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:
         """RFC 2195; offered only when AUTH_MECHANISMS asks for it."""
         if len(args) > 1:
-            await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
+            await self.push(replies.CRAM_MD5_INITIAL.format())
             return AuthResult(success=False, handled=True)
         challenge = f"<{secrets.token_hex(8)}.{int(time.time())}@{self.hostname}>"
         response = await self.challenge_auth(challenge)
@@ -346,19 +383,16 @@ class RelaySMTP(SMTP):
         login, _, digest = response.rpartition(b" ")
         return self._authenticate("CRAM-MD5", (login, challenge.encode(), digest))
 
-    def _create_session(self) -> Session:
-        return RelaySession(self.loop)
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop, self.client)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # After STARTTLS aiosmtpd makes a new session: keep what the checker decided
-        # (AUTH, and so a user's policy, must come again over TLS).
-        trusted = self.session is not None and self.session.trusted
+        # After STARTTLS aiosmtpd makes a new session; self.client carries over what
+        # the checker decided (AUTH, and so a user's policy, must come again over TLS).
+        if not self.connected:
+            peer = transport.get_extra_info("peername")
+            self.client.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
         super().connection_made(transport)
-        peer = self.session.peer
-        self.session.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
-        self.session.trusted = trusted
-        if trusted:
-            self.session.policy = self._relay_server.default_policy
         if not self.connected:  # the first time (STARTTLS comes through here again)
             self.connected = True
             self._relay_server.claim_address(self, transport)
@@ -374,14 +408,14 @@ class RelaySMTP(SMTP):
         # Bytes count as activity only inside DATA (a large message may take longer
         # than TIMEOUT to arrive); junk outside it must not keep a connection alive.
         if self.session is not None and self.session.receiving_data:
-            self.session.active_at = time.monotonic()
+            self.session.touch()
         super().data_received(data)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         now = time.monotonic()
         command = False
         if duration is None and self.session is not None:  # aiosmtpd: a valid command
-            self.session.active_at = now
+            self.session.touch()
             command = True
         deadline = self._auth_deadline()
         if deadline is not None:  # commands do not push it back
@@ -417,21 +451,22 @@ class RelaySMTP(SMTP):
         # size and line-length errors are answered once the whole message is in.
         if await self.check_helo_needed():
             return
-        if not self.envelope.rcpt_tos:
+        session, envelope = self.current()
+        if not envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
             return
         if arg:
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        self.session.receiving_data = True
+        session.receiving_data = True
         try:
             stuffed = await self._read_data()
         except (asyncio.CancelledError, asyncio.IncompleteReadError):
             self._writer.close()
             raise asyncio.CancelledError from None
         finally:
-            self.session.receiving_data = False
+            session.receiving_data = False
         if stuffed is None:
             status = "552 Error: Too much mail data"
         elif await self._has_long_line(stuffed):
@@ -441,8 +476,8 @@ class RelaySMTP(SMTP):
             content = stuffed.replace(b"\r\n.", b"\r\n")
             if content.startswith(b"."):
                 content = content[1:]
-            self.envelope.content = self.envelope.original_content = content
-            self.envelope.smtp_data = stuffed
+            envelope.content = envelope.original_content = content
+            envelope.smtp_data = stuffed
             status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)
@@ -462,12 +497,12 @@ class RelaySMTP(SMTP):
     async def _read_data(self) -> bytes | None:
         """The data up to (not including) the final ".<CRLF>", still dot-stuffed;
         None (after reading and discarding it all) when over MAX_MESSAGE_SIZE."""
-        reader = self._reader
+        reader: Any = self._reader  # its private buffer and limit (pinned aiosmtpd)
         # The DATA line's own CRLF begins the terminator of an empty message, so put
         # one back in front: then a single separator covers every case.
         reader._buffer[0:0] = b"\r\n"
         saved_limit, too_big = reader._limit, False
-        reader._limit = self.data_size_limit + 5
+        reader._limit = (self.data_size_limit or 0) + 5  # always set here (MAX_MESSAGE_SIZE)
         try:
             while True:
                 try:
@@ -493,18 +528,19 @@ class RelaySMTP(SMTP):
             self._reset_timeout(max(0.05, self._timeout_duration - idle))
             return
         if idle >= self._timeout_duration:
-            log_event(logging.INFO, "idle-timeout", session)
-            self._hang_up(b"421 4.4.2 Idle timeout, closing connection\r\n")
-            return
-        log_event(logging.INFO, "auth-timeout", session)
-        self._hang_up(f"421 4.7.0 No AUTH within {self._timeout_duration:g} s of "
-                      "connecting, closing connection\r\n".encode())
+            self._hang_up_with(replies.IDLE_TIMEOUT)
+        else:
+            self._hang_up_with(replies.LOGIN_TIMEOUT, seconds=self._timeout_duration)
+
+    def _hang_up_with(self, reply: replies.Reply, **fields: Any) -> None:
+        self._hang_up(self._relay_server.metrics.record(reply, self.session, **fields)
+                      .encode() + b"\r\n")
 
     def _hang_up(self, reply: bytes) -> None:
         """Say why and close. close() waits for the write buffer to drain, so a client
         that never reads would keep its connection (and MAX_CONNECTIONS slot) forever:
         whatever cannot be sent at once is dropped."""
-        transport = self.transport
+        transport = typing.cast("asyncio.Transport | None", self.transport)
         if transport is None or self._transport_closing():
             return  # closed once already (a second close() breaks a TLS transport)
         transport.write(self._unsent + reply)
@@ -516,7 +552,7 @@ class RelaySMTP(SMTP):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.encrypted:  # RFC 3207: no TLS inside TLS (aiosmtpd would try)
-            await self.push("503 5.5.1 Already running TLS")
+            await self.push(replies.ALREADY_TLS.format())
             return
         await super().smtp_STARTTLS(arg)
 
@@ -529,9 +565,9 @@ class RelaySMTP(SMTP):
             else:
                 log_event(logging.WARNING, "tls-failed", self.session,
                           reason=describe_error(cause))
-            return "421 4.7.0 TLS handshake failed"  # aiosmtpd closes; nothing sent
+            return replies.TLS_FAILED.format()  # aiosmtpd closes; nothing sent
         log.exception("unexpected error peer=%s", getattr(self.session, "peer_ip", "?"))
-        return "451 4.3.0 Internal error: try again later"
+        return replies.INTERNAL_ERROR.format()
 
     @property
     def in_flight(self) -> bool:
@@ -542,7 +578,13 @@ class RelaySMTP(SMTP):
     def say_goodbye(self) -> None:
         """At shutdown, between commands: tell the client and close."""
         if not self.in_flight:
-            self._hang_up(b"421 4.3.2 Service shutting down\r\n")
+            self._hang_up(replies.SHUTTING_DOWN.format().encode() + b"\r\n")
+
+
+def listening_port(server: asyncio.AbstractServer) -> int:
+    """The port a listener got (LISTEN_PORT=0 picks a free one)."""
+    port: int = typing.cast(asyncio.Server, server).sockets[0].getsockname()[1]
+    return port
 
 
 def cannot_listen(variables: str, host: str, port: int, error: OSError) -> ConfigError:
@@ -556,12 +598,12 @@ class TooManyConnections(asyncio.Protocol):
     without a word: the client expects a TLS handshake, and a refusal must not cost
     one."""
 
-    def __init__(self, reply: bool = True):
-        self.reply = reply
+    def __init__(self, reply: str):
+        self.reply = reply  # "" on SMTPS
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.reply:
-            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.write(self.reply.encode() + b"\r\n")  # type: ignore[attr-defined]
         transport.close()
 
 

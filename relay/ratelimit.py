@@ -10,9 +10,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import (
-    Session,
-)
 from limits import RateLimitItemPerDay, RateLimitItemPerMinute
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import ConfigurationError
@@ -22,6 +19,7 @@ from relay.policy import one_line
 from relay.settings import ConfigError, redact_url, url_secrets
 
 if TYPE_CHECKING:
+    from relay.protocol import RelaySession
     from relay.settings import Config
 
 
@@ -119,8 +117,10 @@ class RateLimiter:
         self._message_limits[per_minute] = limits
         return limits
 
-    async def check_message(self, key: str, per_minute: int | None = None) -> str | None:
-        """None when one more message is allowed (and counted), else the reply."""
+    async def check_message(self, key: str, per_minute: int | None = None
+                            ) -> Limited | None:
+        """None when one more message is allowed (and counted), else which limit was
+        reached and when to retry (the fields of replies.RATE_LIMITED)."""
         limits = self.message_limits(per_minute)
         windows = [(item, text) for item, text in limits
                    if not isinstance(item, TokenBucket)]
@@ -136,24 +136,26 @@ class RateLimiter:
             await self.strategy.hit(item, key)
         return None
 
-    async def check_recipient(self, key: str) -> str | None:
+    async def check_recipient(self, key: str) -> Limited | None:
         item = self.recipient_limit
         if item is None or await self.strategy.hit(item, key):
             return None
         return await self._refusal(
             item, key, f"{item.amount} recipients per minute")
 
-    async def _refusal(self, item: Any, key: str, text: str) -> str:
+    async def _refusal(self, item: Any, key: str, text: str) -> Limited:
         stats = await self.strategy.get_window_stats(item, key)
         return self._reply(text, stats.reset_time - time.time())
 
     @staticmethod
-    def _reply(text: str, wait: float) -> str:
-        return (f"451 4.7.1 Rate limit reached ({text}): try again in "
-                f"{max(1, math.ceil(wait))} s")
+    def _reply(text: str, wait: float) -> Limited:
+        return {"limit": text, "seconds": max(1, math.ceil(wait))}
 
 
-def sender_key(session: Session) -> str:
+Limited = dict[str, Any]  # {"limit": "3 messages per minute", "seconds": 20}
+
+
+def sender_key(session: RelaySession) -> str:
     """Who quotas are counted for: the user, or the address of a trusted client."""
     return session.user if session.user else f"ip:{session.peer_ip}"
 

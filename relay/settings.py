@@ -276,7 +276,7 @@ class Setting:
 def setting(variable: str, kind: Kind[T], default: T, doc: str) -> T:
     """A Config field declared by its row of the table."""
     row = Setting(variable, kind, default, doc)
-    return dataclasses.field(default=default, metadata={"setting": row})  # type: ignore[no-any-return]
+    return dataclasses.field(default=default, metadata={"setting": row})
 
 
 DEFAULT_DOMAINS = parse_domain_list("example.com", "the default")

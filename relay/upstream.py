@@ -25,25 +25,31 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import (
-    Session,
-)
-
+from relay import replies
 from relay.observability import log
 from relay.policy import one_line
 from relay.settings import upstream_tls_context
 
 if TYPE_CHECKING:
     from relay.observability import Metrics
+    from relay.protocol import RelaySession
     from relay.settings import Config
 
 
+_UPSTREAM_REPLIES = {"451 4.4.1": replies.UPSTREAM_UNAVAILABLE,
+                     "451 4.7.0": replies.UPSTREAM_CREDENTIALS,
+                     "451 4.4.2": replies.UPSTREAM_DROPPED}
+
+
 class UpstreamError(Exception):
-    """The upstream could not be reached or dropped us. `reply` is for the client."""
+    """The upstream could not be reached or dropped us. `kind` and `reply` are for the
+    client."""
 
     def __init__(self, reason: str, reply: str = "451 4.4.1"):
         super().__init__(reason)
-        self.reply = f"{reply} Upstream unavailable: {one_line(reason)[:200]}"
+        self.kind = _UPSTREAM_REPLIES[reply]
+        self.detail = one_line(reason)[:200]
+        self.reply = self.kind.format(detail=self.detail)
 
 
 Reply = tuple[int, str]
@@ -84,12 +90,71 @@ def _unacknowledged(sock: socket.socket) -> int:
         return 0
 
 
+class Handshake:
+    """The steps that open an upstream session, defined once: connect (and the banner),
+    EHLO, STARTTLS (required when RELAY_USE_TLS), AUTH (when RELAY_USERNAME). The pool
+    runs them all (UpstreamConnection.open), /readyz names them, and `check` runs them
+    one at a time to say which failed. Each step blocks, and raises smtplib's or the
+    socket's own errors: the caller decides how to tell them."""
+
+    def __init__(self, config: Config, tls_context: ssl.SSLContext | None):
+        self.config = config
+        self.tls_context = tls_context
+
+    def steps(self) -> list[str]:
+        """The steps these settings take, by name."""
+        return ["connect", "EHLO"] + (["STARTTLS"] if self.config.relay_use_tls
+                                      else []) + (["AUTH"] if self.config.relay_username
+                                                  else [])
+
+    def connect(self) -> tuple[smtplib.SMTP, int, str]:
+        """TCP (and TLS, with RELAY_USE_SSL) and the banner: (session, code, text)."""
+        config = self.config
+        smtp: smtplib.SMTP
+        if config.relay_use_ssl:
+            smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=self.tls_context,
+                                    local_hostname=config.smtp_hostname)
+        else:
+            smtp = smtplib.SMTP(timeout=config.timeout, local_hostname=config.smtp_hostname)
+        # smtplib checks the certificate against _host, which only its constructor
+        # sets: connect() alone would leave it empty.
+        smtp._host = config.relay_host  # type: ignore[attr-defined]
+        try:
+            code, banner = smtp.connect(config.relay_host, config.relay_port)
+        except BaseException:
+            smtp.close()
+            raise
+        try:
+            if smtp.sock is not None:
+                smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                     _UPSTREAM_SEND_BUFFER)
+        except OSError:
+            pass  # the kernel's default then; the upload is still paced per piece
+        return smtp, code, reply_text(banner)
+
+    @staticmethod
+    def ehlo(smtp: smtplib.SMTP) -> tuple[int, str]:
+        code, message = smtp.ehlo()
+        return code, reply_text(message)
+
+    def starttls(self, smtp: smtplib.SMTP) -> bool:
+        """False when the upstream does not offer it; else TLS is up (and EHLO again)."""
+        if not smtp.has_extn("starttls"):
+            return False
+        smtp.starttls(context=self.tls_context)
+        smtp.ehlo()
+        return True
+
+    def auth(self, smtp: smtplib.SMTP) -> None:
+        smtp.login(self.config.relay_username, self.config.relay_password)
+
+
 class UpstreamConnection:
     """One authenticated session to the upstream. Every method blocks: threads only."""
 
     def __init__(self, config: Config, tls_context: ssl.SSLContext | None):
         self.config = config
-        self.tls_context = tls_context
+        self.handshake = Handshake(config, tls_context)
         self.smtp: smtplib.SMTP | None = None
         self.messages_sent = 0
         self.idle_since = 0.0
@@ -97,38 +162,25 @@ class UpstreamConnection:
         self.discarded = False  # handed to UpstreamPool.discard (closing or closed)
 
     def open(self) -> None:
-        """Connect, EHLO, STARTTLS (required when RELAY_USE_TLS), EHLO, AUTH."""
-        config, step = self.config, "connect"
+        """Every step of the handshake; UpstreamError saying which failed."""
+        config, handshake, step = self.config, self.handshake, "connect"
         try:
-            if config.relay_use_ssl:
-                smtp = smtplib.SMTP_SSL(config.relay_host, config.relay_port,
-                                        local_hostname=config.smtp_hostname,
-                                        timeout=config.timeout, context=self.tls_context)
-            else:
-                smtp = smtplib.SMTP(config.relay_host, config.relay_port,
-                                    local_hostname=config.smtp_hostname,
-                                    timeout=config.timeout)
+            smtp, code, banner = handshake.connect()
             self.smtp = smtp
-            try:
-                if smtp.sock is not None:
-                    smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                         _UPSTREAM_SEND_BUFFER)
-            except OSError:
-                pass  # the kernel's default then; the upload is still paced per piece
+            if code != 220:
+                raise UpstreamError(f"upstream refused the connection: {code} {banner}")
             step = "EHLO"
-            code, message = smtp.ehlo()
+            code, text = handshake.ehlo(smtp)
             if code != 250:
-                raise UpstreamError(f"EHLO refused: {code} {reply_text(message)}")
+                raise UpstreamError(f"EHLO refused: {code} {text}")
             if config.relay_use_tls:
                 step = "STARTTLS"
-                if not smtp.has_extn("starttls"):
+                if not handshake.starttls(smtp):
                     raise UpstreamError("upstream does not offer STARTTLS "
                                         "(RELAY_USE_TLS is on)")
-                code, message = smtp.starttls(context=self.tls_context)
-                smtp.ehlo()
             if config.relay_username:
                 step = "AUTH"
-                smtp.login(config.relay_username, config.relay_password)
+                handshake.auth(smtp)
         except UpstreamError:
             self.close()
             raise
@@ -466,38 +518,33 @@ class Forwarder:
         self.orphans.add(delivery)
         delivery.add_done_callback(done)
 
-    async def _call(self, session: Session, function: Callable, *args: Any) -> Any:
-        transaction: Transaction = session.transaction
+    async def _call(self, session: RelaySession, function: Callable, *args: Any) -> Any:
+        transaction = session.transaction
+        assert transaction is not None  # callers hold one
         future = self.calls.submit(function, *args)
         transaction.pending = future
-        session.busy = True  # the client is waiting on us, not idle
         try:
-            return await asyncio.shield(future)
+            with session.waiting_on_upstream():
+                return await asyncio.shield(future)
         finally:
-            session.busy = False
-            session.active_at = time.monotonic()  # the client's wait ends now
             if future.done():
                 transaction.pending = None
 
-    async def begin(self, session: Session, sender: str, options: list[str]) -> str:
+    async def begin(self, session: RelaySession, sender: str, options: list[str]) -> str:
         """MAIL FROM upstream. On 250 the session holds the transaction."""
         declared_8bit = "BODY=8BITMIME" in options
         for attempt in (1, 2):
-            session.busy = True  # waiting on the upstream's connect/TLS/AUTH: not idle
-            try:
-                # A retry never takes another pooled session: it may be just as stale.
+            # Waiting on the upstream's connect/TLS/AUTH: not idle. A retry never takes
+            # another pooled session: it may be just as stale.
+            with session.waiting_on_upstream():
                 connection = await (self.pool.acquire() if attempt == 1
                                     else self.pool.open_new())
-            finally:
-                session.busy = False
-                session.active_at = time.monotonic()
             session.transaction = transaction = Transaction(
                 connection, declared_8bit and not connection.has("8bitmime"))
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
-                return ("555 5.6.7 The upstream does not support SMTPUTF8: send this "
-                        "message with ASCII addresses")
-            if "SMTPUTF8" in options:
+                return replies.NO_SMTPUTF8.format()
+            if "SMTPUTF8" in options and connection.smtp is not None:
                 connection.smtp.command_encoding = "utf-8"
             # Only what the upstream advertises goes on; aiosmtpd lets no other through.
             upstream_options = [
@@ -530,13 +577,14 @@ class Forwarder:
                                     "451 4.4.2")
         raise AssertionError("unreachable")
 
-    async def add_recipient(self, session: Session, recipient: str) -> str:
+    async def add_recipient(self, session: RelaySession, recipient: str) -> str:
         return await self._in_transaction(session, "RCPT", f"TO:<{recipient}>")
 
-    async def _in_transaction(self, session: Session, verb: str, argument: str) -> str:
-        transaction: Transaction = session.transaction
+    async def _in_transaction(self, session: RelaySession, verb: str, argument: str) -> str:
+        transaction = session.transaction
+        assert transaction is not None  # handle_RCPT checked
         if transaction.broken:
-            return "451 4.4.2 Upstream connection was lost: start the message again"
+            return replies.UPSTREAM_LOST.format(detail="start the message again")
         try:
             code, text = await self._call(session, transaction.connection.command, verb,
                                           argument)
@@ -549,19 +597,19 @@ class Forwarder:
             text = f"unexpected reply to {verb}: {code} {text}"
         raise UpstreamError(text or "upstream closed the connection", "451 4.4.2")
 
-    async def send_data(self, session: Session, message: bytes) -> tuple[bool, str]:
+    async def send_data(self, session: RelaySession, message: bytes) -> tuple[bool, str]:
         """DATA upstream. Returns (accepted, reply for the client); ends the
         transaction either way."""
         transaction: Transaction | None = session.transaction
         if transaction is None:  # the client left before we began
-            return False, "451 4.4.2 Upstream transaction was lost: send the message again"
+            return False, replies.UPSTREAM_TRANSACTION_LOST.format(
+                detail="send the message again")
         if transaction.broken:
             self.finish(session)
-            return False, "451 4.4.2 Upstream connection was lost: send the message again"
+            return False, replies.UPSTREAM_LOST.format(detail="send the message again")
         if transaction.declared_8bit_unsupported and not message.isascii():
             self.finish(session, reset=True)
-            return False, ("554 5.6.3 The upstream does not support 8BITMIME and the "
-                           "message has 8-bit content")
+            return False, replies.NO_8BITMIME.format()
         connection = transaction.connection
         # From here on `session.transaction` may be gone (the client left and
         # connection_lost reset it, after this call): only `transaction` is ours.
@@ -585,7 +633,7 @@ class Forwarder:
             return False, f"{code} {text}"
         self._condemn(transaction)
         self._end(session, transaction)
-        return False, f"451 4.4.2 Upstream failed during DATA: {code} {text}"
+        return False, replies.UPSTREAM_FAILED_DATA.format(detail=f"{code} {text}")
 
     def _condemn(self, transaction: Transaction) -> None:
         """The upstream session is lost or makes no sense: close it now, never reuse
@@ -593,12 +641,12 @@ class Forwarder:
         transaction.broken = True
         self.pool.discard(transaction.connection)
 
-    def _end(self, session: Session, transaction: Transaction) -> None:
+    def _end(self, session: RelaySession, transaction: Transaction) -> None:
         """finish(), for this transaction only (connection_lost may have taken it)."""
         if session.transaction is transaction:
             self.finish(session)
 
-    def finish(self, session: Session, *, reset: bool = False) -> None:
+    def finish(self, session: RelaySession, *, reset: bool = False) -> None:
         """End the session's upstream transaction: back to the pool only when the
         upstream is between transactions; reset first (RSET) when it may hold one;
         closed when broken."""

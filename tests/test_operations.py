@@ -54,10 +54,10 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.observability import JSONFormatter, Metrics
-from relay.protocol import RelaySession
+from relay.protocol import Client, RelaySession
 from relay.ratelimit import RateLimiter
 from relay.settings import ConfigError, load_config
-from relay.users import parse_users_file
+from relay.users import default_policy, parse_users_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1137,12 +1137,13 @@ def test_metrics_registry_names():
 
     loop = asyncio.new_event_loop()
     try:
-        session = RelaySession(loop)
+        session = RelaySession(loop, Client(peer_ip="10.0.0.7"))
     finally:
         loop.close()
-    session.user, session.peer_ip = "alice", "10.0.0.7"
+    session.user = "alice"
     metrics.rejected("rate", session)
-    session.user, session.trusted = None, True
+    session.user = None
+    session.client.trusted_policy = default_policy(load_config({}))
     metrics.rejected("rate", session)
     text = prometheus_client.generate_latest(metrics.registry).decode()
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value

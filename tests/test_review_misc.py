@@ -36,6 +36,7 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay import replies
 from relay.policy import (
     HEADER_SECTION_LIMIT,
     AddressError,
@@ -442,7 +443,7 @@ def test_token_bucket_refills_one_token_per_interval_up_to_the_burst():
     limiter = RateLimiter(load_config({"RATE_LIMIT_PER_MINUTE": "1",
                                        "RATE_LIMIT_BURST": "3"}), clock=lambda: clock[0])
 
-    async def run() -> list[str | None]:
+    async def run() -> list[dict | None]:
         outcomes = []
         for advance in (0, 0, 0, 0, 30, 30, 0, 1000, 0, 0, 0, 0):
             clock[0] += advance
@@ -456,9 +457,12 @@ def test_token_bucket_refills_one_token_per_interval_up_to_the_burst():
     # pause the bucket holds three again (never more).
     assert accepted == [True, True, True, False, False, True, False,
                         True, True, True, False, False, True], outcomes
-    assert outcomes[3] == ("451 4.7.1 Rate limit reached (3 messages in a row, then 1 "
-                           "per minute): try again in 60 s")
-    assert RETRY_HINT.search(outcomes[4]).group(1) == "30"
+    assert outcomes[3] == {"limit": "3 messages in a row, then 1 per minute",
+                           "seconds": 60}
+    assert replies.RATE_LIMITED.format(**outcomes[3]) == (
+        "451 4.7.1 Rate limit reached (3 messages in a row, then 1 per minute): try "
+        "again in 60 s")
+    assert outcomes[4]["seconds"] == 30
 
 
 # ---------------------------------------------------------------------------------------

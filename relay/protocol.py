@@ -468,9 +468,9 @@ class RelaySMTP(SMTP):
         finally:
             session.receiving_data = False
         if stuffed is None:
-            status = "552 Error: Too much mail data"
+            status = self._relay_server.metrics.record(replies.TOO_MUCH_DATA, session)
         elif await self._has_long_line(stuffed):
-            status = "500 Line too long (see RFC5321 4.5.3.1.6)"
+            status = self._relay_server.metrics.record(replies.LINE_TOO_LONG, session)
         else:
             # RFC 5321 4.5.2: remove the transparency dot from lines that start with one.
             content = stuffed.replace(b"\r\n.", b"\r\n")

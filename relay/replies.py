@@ -68,8 +68,6 @@ AUTH_OK = Reply(235, "2.7.0", "Authentication successful", "auth-ok", level=logg
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid", "auth-failed")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail transaction",
                             "auth-refused")
-AUTH_BUSY = Reply(454, "4.7.0", "Too many logins being checked from your address, try "
-                  "again later", "auth-refused")
 CRAM_MD5_INITIAL = Reply(501, "5.5.4", "CRAM-MD5 takes no initial response",
                          "auth-refused")
 

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
+import functools
+import hmac
 import os
 import re
+import secrets
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import bcrypt
+from aiosmtpd.smtp import LoginPassword
 
 from relay.settings import (
     BCRYPT_HASH,
@@ -200,3 +208,136 @@ class AuthGuard:
         for address in [a for a, u in self._locked_until.items() if u <= now]:
             del self._locked_until[address]
 
+
+class PasswordChecker:
+    """Checks AUTH credentials (PLAIN, LOGIN, CRAM-MD5) against the users: plain
+    passwords in constant time, hashes with bcrypt.
+
+    bcrypt runs on its own small pool (never the one that carries deliveries), at most
+    BCRYPT_CHECKS_PER_ADDRESS at a time for one client address. A check waits for its
+    turn here, not in the pool's queue, so the check of a client that left while
+    waiting never runs; a running check keeps its turn until bcrypt returns. Accepted
+    (user, password) pairs are cached per users generation (reload starts a new one).
+    """
+
+    def __init__(self, config: Config, executor: concurrent.futures.Executor | None = None):
+        self.users = load_users(config)
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=BCRYPT_WORKERS, thread_name_prefix="bcrypt")
+        self._workers = asyncio.Semaphore(BCRYPT_WORKERS)
+        self._gates: dict[str, Gate] = {}
+        # Keyed digests of (user, password) pairs bcrypt already accepted, so a busy
+        # client does not cost a bcrypt run per connection. Never the password itself.
+        # One set per users generation: reload() starts a new one.
+        self._cache_key = secrets.token_bytes(32)
+        self._accepted: set[bytes] = set()
+        self._dummy_hash = b""  # made on first need (see _hash_for_unknown_names)
+
+    def reload(self, config: Config) -> int:
+        """Re-read SMTP_USERS_FILE (SIGHUP). On error keep the old users and raise."""
+        users = load_users(config)
+        self.users, self._accepted = users, set()
+        return len(users)
+
+    async def verify(self, mechanism: str, credentials: Any, address: str = ""
+                     ) -> User | None:
+        """The user these credentials prove, or None. `address` is the client's, for
+        the limit on concurrent checks per address."""
+        for _ in range(3):
+            generation = self._accepted
+            user = await self._verify(mechanism, credentials, address)
+            if self._accepted is generation:
+                return user
+            # SIGHUP reloaded the users during the check: the verdict was about users
+            # that are gone. Check against the new ones.
+        return None
+
+    async def _verify(self, mechanism: str, credentials: Any, address: str
+                      ) -> User | None:
+        if mechanism == "CRAM-MD5":
+            login, challenge, digest = credentials
+            user = self.users.get(login.decode("utf-8", "replace"))
+            secret = user.password if user is not None and user.password else \
+                secrets.token_bytes(16)  # no plain password: cannot match
+            expected = hmac.new(secret, challenge, "md5").hexdigest().encode()
+            return user if hmac.compare_digest(digest, expected) else None
+        if not isinstance(credentials, LoginPassword):
+            return None
+        user = self.users.get(credentials.login.decode("utf-8", "replace"))
+        if user is not None and user.password:
+            ok = hmac.compare_digest(credentials.password, user.password)
+            return user if ok else None
+        accepted = self._accepted  # this generation's
+        cache_key = hmac.new(self._cache_key, credentials.login + b"\0" +
+                             credentials.password, "sha256").digest()
+        if user is not None and cache_key in accepted:
+            return user
+        hashed = user.password_hash if user is not None else \
+            await self._in_pool(address, self._hash_for_unknown_names)
+        if not hashed:
+            return None
+        # bcrypt reads 72 bytes (bcrypt 5 refuses more): what `htpasswd -B` hashed.
+        ok = await self._in_pool(address, bcrypt.checkpw,
+                                 credentials.password[:BCRYPT_MAX_PASSWORD], hashed)
+        if ok and user is not None:
+            accepted.add(cache_key)
+            return user
+        return None
+
+    async def _in_pool(self, address: str, function: Callable, *args: Any) -> Any:
+        """function(*args) on the bcrypt pool, once this address and the pool have a
+        free turn. Cancelled while waiting: it never runs."""
+        gate = self._gates.get(address)
+        if gate is None:
+            gate = self._gates[address] = Gate()
+        gate.users += 1
+        try:
+            await gate.semaphore.acquire()
+            try:
+                await self._workers.acquire()
+            except BaseException:
+                gate.semaphore.release()
+                raise
+        except BaseException:
+            self._leave(address, gate)
+            raise
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor,
+                                                                function, *args)
+        except BaseException:  # the pool is shut down: stopping
+            self._workers.release()
+            gate.semaphore.release()
+            self._leave(address, gate)
+            raise
+        future.add_done_callback(functools.partial(self._check_done, address, gate))
+        # Shielded: a client that leaves does not end the check early, so its turn
+        # stays taken until bcrypt returns.
+        return await asyncio.shield(future)
+
+    def _check_done(self, address: str, gate: Gate, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # retrieved, even when its client is gone
+        self._workers.release()
+        gate.semaphore.release()
+        self._leave(address, gate)
+
+    def _leave(self, address: str, gate: Gate) -> None:
+        gate.users -= 1
+        if gate.users == 0 and self._gates.get(address) is gate:
+            del self._gates[address]
+
+    def _hash_for_unknown_names(self) -> bytes:
+        """A hash as costly as the users' own, so that an unknown name takes as long
+        to refuse as a wrong password (timing must not tell which names exist)."""
+        costs = [int(user.password_hash[4:6]) for user in self.users.values()
+                 if user.password_hash]
+        if costs and not self._dummy_hash:
+            self._dummy_hash = bcrypt.hashpw(b"-", bcrypt.gensalt(max(costs)))
+        return self._dummy_hash if costs else b""
+
+
+def attempted_user(mechanism: str, credentials: Any) -> str:
+    """The user name an AUTH attempt gave, for the log line."""
+    login = credentials[0] if mechanism == "CRAM-MD5" else getattr(
+        credentials, "login", b"")
+    return login.decode("utf-8", "replace")[:128]

@@ -97,3 +97,27 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_quick_start_runs_the_demo():
     commands = re.findall(r"```sh\n(.*?)\n```", README, re.DOTALL)
     assert commands[0].endswith("python smtp_relay.py demo")
+
+
+def readme_reply_table() -> str:
+    return README.split("### What the client is told", 1)[1].split("\n\n", 2)[1]
+
+
+def test_every_reply_the_relay_makes_is_a_row_of_the_readme_table():
+    """relay/replies.py names one reply per row; a reply added there without its row
+    (or a row whose reply is gone) fails here."""
+    answers = [row.split("|")[3] for row in readme_reply_table().splitlines()[2:]]
+    codes = {re.match(r"`(\d{3}(?: \d\.\d\.\d{1,3})?)`", answer.strip()).group(1)
+             for answer in answers if answer.strip().startswith("`")}
+    named = {f"{reply.code} {reply.status}".strip() for reply in all_replies()}
+    # Replies that the README quotes but aiosmtpd or the upstream makes.
+    not_ours = {"530", "250", "354"}
+    assert codes - named - not_ours == set()
+    refusals = {f"{reply.code} {reply.status}".strip() for reply in all_replies()
+                if reply.code >= 400}
+    assert refusals - codes == set()
+
+
+def all_replies() -> list:
+    from relay import replies
+    return [value for value in vars(replies).values() if isinstance(value, replies.Reply)]

@@ -358,7 +358,7 @@ class SMTPRelayHandler:
 
     async def handle_RSET(self, server: SMTP, session: RelaySession, envelope: Any) -> str:
         await self._abandon(session)
-        return "250 2.0.0 OK"
+        return replies.OK.format()
 
     async def _abandon(self, session: RelaySession) -> None:
         """The client gave up on its transaction: reset it upstream too."""

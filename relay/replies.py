@@ -31,10 +31,6 @@ class Reply:
         text = self.text.format(**fields) if fields else self.text
         return f"{self.code} {self.status} {text}" if self.status else f"{self.code} {text}"
 
-    @property
-    def temporary(self) -> bool:
-        return 400 <= self.code < 500
-
 
 def upstream_reason(reply: str) -> str:
     """Metric label for a refusal that came from the upstream."""

@@ -53,6 +53,8 @@ RELAY_VARIABLES = (
     "MAX_CONNECTIONS_PER_IP",
 )
 
+SENDER = "app@example.com"
+RECIPIENT = "ops@example.com"
 USER = "relayuser"
 PASSWORD = "s3cret-Pa55"
 UPSTREAM_USER = "upstream-user"
@@ -476,3 +478,66 @@ def swaks_path() -> str | None:
     if path is None and os.environ.get("REQUIRE_SWAKS"):
         pytest.fail("swaks is required (REQUIRE_SWAKS is set) but not installed")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# Shared client steps and relay checks
+# ---------------------------------------------------------------------------------------
+
+def mail(client: smtplib.SMTP, sender: str = SENDER, options: tuple[str, ...] = ()) -> str:
+    code, text = client.mail(sender, list(options))
+    return f"{code} {text.decode()}"
+
+
+def rcpt(client: smtplib.SMTP, recipient: str) -> str:
+    code, text = client.rcpt(recipient)
+    return f"{code} {text.decode()}"
+
+
+def try_message(client: smtplib.SMTP, content: bytes,
+                recipients: tuple[str, ...] = (RECIPIENT,)) -> str:
+    """MAIL, RCPT*, DATA on an open client; the first refusal, or the DATA reply."""
+    reply = mail(client)
+    if not reply.startswith("250"):
+        return reply
+    for recipient in recipients:
+        reply = rcpt(client, recipient)
+        if not reply.startswith("250"):
+            return reply
+    code, text = client.data(content)
+    return f"{code} {text.decode()}"
+
+
+def hangup(relay: RelayProcess, timeout: float = 10.0) -> None:
+    """SIGHUP, once the relay catches it: it installs the handler just after it starts
+    listening, and before that a HUP would end it (the default action)."""
+    status = Path(f"/proc/{relay.process.pid}/status")
+    deadline = time.monotonic() + timeout
+    if status.exists():
+        while time.monotonic() < deadline:
+            caught = next((line.split()[1] for line in status.read_text().splitlines()
+                           if line.startswith("SigCgt:")), "0")
+            if int(caught, 16) & (1 << (signal.SIGHUP - 1)):
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the relay never installed its SIGHUP handler")
+    else:  # no /proc: the handler follows the start-up lines closely
+        relay.wait_for_log("RELAY_USE_TLS and RELAY_USE_SSL are off")
+        time.sleep(0.5)
+    relay.process.send_signal(signal.SIGHUP)
+
+
+@pytest.fixture
+def start(start_relay):
+    """`start_relay`, then at the end: no relay printed a traceback."""
+    relays = []
+
+    def start_checked(upstream=None, **overrides):
+        relay = start_relay(upstream, **overrides)
+        relays.append(relay)
+        return relay
+
+    yield start_checked
+    for relay in relays:
+        assert "Traceback" not in relay.stderr, relay.stderr

@@ -40,9 +40,12 @@ from conftest import (
     RelayProcess,
     exit_of_each,
     free_port,
+    mail,
     message,
+    rcpt,
     relay_env,
     start_module_relay,
+    try_message,
 )
 
 import smtp_relay
@@ -98,34 +101,10 @@ def auth_mechanisms(client: smtplib.SMTP) -> list[str]:
     return sorted(client.esmtp_features.get("auth", "").split())
 
 
-def mail(client: smtplib.SMTP, sender: str = SENDER) -> str:
-    code, text = client.mail(sender)
-    return f"{code} {text.decode()}"
-
-
-def rcpt(client: smtplib.SMTP, recipient: str) -> str:
-    code, text = client.rcpt(recipient)
-    return f"{code} {text.decode()}"
-
-
 def send_one(relay: RelayProcess, *, login: bool = True, subject: str = "test") -> None:
     """A whole message on a new connection; raises if any step is refused."""
     with relay.client(login=login) as client:
         client.sendmail(SENDER, [RECIPIENT], message(subject))
-
-
-def try_message(client: smtplib.SMTP, content: bytes,
-                recipients: tuple[str, ...] = (RECIPIENT,)) -> str:
-    """MAIL, RCPT*, DATA on an open client; the first refusal, or the DATA reply."""
-    reply = mail(client)
-    if not reply.startswith("250"):
-        return reply
-    for recipient in recipients:
-        reply = rcpt(client, recipient)
-        if not reply.startswith("250"):
-            return reply
-    code, text = client.data(content)
-    return f"{code} {text.decode()}"
 
 
 def log_lines(relay: RelayProcess, event: str) -> list[str]:

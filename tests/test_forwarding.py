@@ -214,21 +214,6 @@ def raw_message(client, recipient: str = RECIPIENT) -> str:
 
 
 @pytest.fixture
-def start(start_relay):
-    """`start_relay`, then at the end: no relay printed a traceback."""
-    relays = []
-
-    def start_checked(upstream=None, **overrides):
-        relay = start_relay(upstream, **overrides)
-        relays.append(relay)
-        return relay
-
-    yield start_checked
-    for relay in relays:
-        assert "Traceback" not in relay.stderr, relay.stderr
-
-
-@pytest.fixture
 def tls_relay_env(server_cert) -> dict:
     """Relay settings for STARTTLS + AUTH to an upstream with the trustme certificate."""
     return {"RELAY_USE_TLS": "true", "RELAY_TLS_CA_FILE": str(server_cert[2]),

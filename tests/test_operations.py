@@ -47,7 +47,10 @@ from conftest import (
     Upstream,
     exit_of_each,
     free_port,
+    hangup,
+    mail,
     message,
+    rcpt,
     relay_env,
     start_module_relay,
 )
@@ -138,16 +141,6 @@ def wait_for_metric(port: int, name: str, expected: float, timeout: float = 10.0
         time.sleep(0.05)
 
 
-def mail(client: smtplib.SMTP, sender: str = SENDER) -> str:
-    code, text = client.mail(sender)
-    return f"{code} {text.decode()}"
-
-
-def rcpt(client: smtplib.SMTP, recipient: str) -> str:
-    code, text = client.rcpt(recipient)
-    return f"{code} {text.decode()}"
-
-
 def send(client: smtplib.SMTP, sender: str = SENDER,
          recipients: tuple[str, ...] = (RECIPIENT,), content: bytes | None = None) -> str:
     """MAIL, RCPT*, DATA on an open client: the first refusal, or the DATA reply. After
@@ -203,26 +196,6 @@ def wait_for_lines(relay: RelayProcess, event: str, count: int,
 def names(text: str, variable: str) -> bool:
     """`variable` appears in `text` as a whole name (not as part of a longer one)."""
     return re.search(rf"(?<![A-Z_]){re.escape(variable)}(?![A-Z_])", text) is not None
-
-
-def hangup(relay: RelayProcess, timeout: float = 10.0) -> None:
-    """SIGHUP, once the relay catches it: it installs the handler just after it starts
-    listening, and before that a HUP would end it (the default action)."""
-    status = Path(f"/proc/{relay.process.pid}/status")
-    deadline = time.monotonic() + timeout
-    if status.exists():
-        while time.monotonic() < deadline:
-            caught = next((line.split()[1] for line in status.read_text().splitlines()
-                           if line.startswith("SigCgt:")), "0")
-            if int(caught, 16) & (1 << (signal.SIGHUP - 1)):
-                break
-            time.sleep(0.02)
-        else:
-            raise AssertionError("the relay never installed its SIGHUP handler")
-    else:  # no /proc: the handler follows the start-up lines closely
-        relay.wait_for_log("RELAY_USE_TLS and RELAY_USE_SSL are off")
-        time.sleep(0.5)
-    relay.process.send_signal(signal.SIGHUP)
 
 
 def listening_ports(pid: int) -> set[int] | None:

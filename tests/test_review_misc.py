@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import re
-import signal
 import smtplib
 import ssl
 import threading
@@ -30,8 +29,12 @@ from conftest import (
     RelayProcess,
     exit_of_each,
     free_port,
+    hangup,
+    mail,
     message,
+    rcpt,
     relay_env,
+    try_message,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,30 +67,6 @@ def b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
-def mail(client: smtplib.SMTP, sender: str = SENDER, options: tuple[str, ...] = ()) -> str:
-    code, text = client.mail(sender, list(options))
-    return f"{code} {text.decode()}"
-
-
-def rcpt(client: smtplib.SMTP, recipient: str) -> str:
-    code, text = client.rcpt(recipient)
-    return f"{code} {text.decode()}"
-
-
-def try_message(client: smtplib.SMTP, content: bytes,
-                recipients: tuple[str, ...] = (RECIPIENT,)) -> str:
-    """MAIL, RCPT*, DATA on an open client; the first refusal, or the DATA reply."""
-    reply = mail(client)
-    if not reply.startswith("250"):
-        return reply
-    for recipient in recipients:
-        reply = rcpt(client, recipient)
-        if not reply.startswith("250"):
-            return reply
-    code, text = client.data(content)
-    return f"{code} {text.decode()}"
-
-
 def plain_token(user: str = USER, password: str = PASSWORD) -> str:
     return b64(f"\0{user}\0{password}")
 
@@ -95,21 +74,6 @@ def plain_token(user: str = USER, password: str = PASSWORD) -> str:
 def raw_login(client: RawClient) -> None:
     assert client.command("EHLO raw.test").startswith("250")
     assert client.command(f"AUTH PLAIN {plain_token()}").startswith("235")
-
-
-def hangup(relay: RelayProcess, timeout: float = 10.0) -> None:
-    """SIGHUP once the relay has installed its handler (before that HUP would end it)."""
-    status = Path(f"/proc/{relay.process.pid}/status")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        caught = next((line.split()[1] for line in status.read_text().splitlines()
-                       if line.startswith("SigCgt:")), "0")
-        if int(caught, 16) & (1 << (signal.SIGHUP - 1)):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("the relay never installed its SIGHUP handler")
-    relay.process.send_signal(signal.SIGHUP)
 
 
 # ---------------------------------------------------------------------------------------

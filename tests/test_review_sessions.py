@@ -31,7 +31,6 @@ import base64
 import inspect
 import os
 import select
-import signal
 import smtplib
 import socket
 import ssl
@@ -52,6 +51,7 @@ from conftest import (
     RawClient,
     RelayProcess,
     free_port,
+    hangup,
     message,
     relay_env,
 )
@@ -186,21 +186,6 @@ def wait_until_cpu_settles(relay: RelayProcess, quiet: float = 1.5,
         elif time.monotonic() - since >= quiet:
             return now
     raise AssertionError("the relay kept using CPU")
-
-
-def hangup(relay: RelayProcess, timeout: float = 10.0) -> None:
-    """SIGHUP once the relay catches it (before that a HUP would end it)."""
-    status = Path(f"/proc/{relay.process.pid}/status")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        caught = next((line.split()[1] for line in status.read_text().splitlines()
-                       if line.startswith("SigCgt:")), "0")
-        if int(caught, 16) & (1 << (signal.SIGHUP - 1)):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("the relay never installed its SIGHUP handler")
-    relay.process.send_signal(signal.SIGHUP)
 
 
 @pytest.fixture(scope="module")

@@ -218,21 +218,6 @@ def raw_upstream():
     server.stop()
 
 
-@pytest.fixture
-def start(start_relay):
-    """`start_relay`, then at the end: no relay printed a traceback."""
-    relays = []
-
-    def start_checked(upstream=None, **overrides):
-        relay = start_relay(upstream, **overrides)
-        relays.append(relay)
-        return relay
-
-    yield start_checked
-    for relay in relays:
-        assert "Traceback" not in relay.stderr, relay.stderr
-
-
 def steps(client, content: bytes | None = None) -> list[tuple[str, str]]:
     """MAIL, RCPT, DATA on a logged-in raw client, up to the first refusal:
     [(step, reply)]."""

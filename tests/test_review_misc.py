@@ -562,3 +562,18 @@ def test_from_fields_give_what_parsing_the_whole_block_gives(lines):
 
     end = header_section_end(content, HEADER_SECTION_LIMIT)
     assert outcome(header_from_fields(content, end)) == outcome(header_block(content))
+
+
+def test_the_relay_runs_on_uvloop():
+    # Issue #8 §3: the per-connection cost is the event loop's; uvloop is why one
+    # message per connection keeps up with Postfix.
+    import asyncio
+
+    import uvloop
+
+    import smtp_relay
+
+    async def which_loop() -> int:
+        return int(isinstance(asyncio.get_running_loop(), uvloop.Loop))
+
+    assert smtp_relay.run_loop(which_loop()) == 1

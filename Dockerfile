@@ -7,6 +7,7 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     LOG_FILE=/var/log/smtp-relay/smtp-relay.log \
+    QUEUE_URL=sqlite:////var/spool/smtp-relay/queue.db \
     HTTP_PORT=8080
 
 WORKDIR /app
@@ -16,8 +17,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
     && groupadd --system --gid 1000 relay \
     && useradd --system --uid 1000 --gid relay --home-dir /app --shell /usr/sbin/nologin relay \
-    && mkdir -p /var/log/smtp-relay /etc/certs \
-    && chown relay:relay /var/log/smtp-relay \
+    && mkdir -p /var/log/smtp-relay /var/spool/smtp-relay /etc/certs \
+    && chown relay:relay /var/log/smtp-relay /var/spool/smtp-relay \
     && setpriv --version
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 COPY smtp_relay.py .

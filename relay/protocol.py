@@ -78,6 +78,9 @@ class RelaySession(Session):
         # SMTPRelayHandler: the message of the transaction in progress.
         self.message_id: str | None = None
         self.started = 0.0  # when its MAIL arrived (monotonic)
+        # SMTPRelayHandler: what of the transaction goes to the queue (DELIVERY_MODE).
+        self.queue_only = False  # no upstream transaction: it all goes to the queue
+        self.queue_recipients: list[str] = []  # accepted for the queue, not upstream
         # Forwarder: the upstream half of the transaction.
         self.transaction: Transaction | None = None
         # RelaySMTP: where the client is in the dialogue.
@@ -121,11 +124,14 @@ class RelaySession(Session):
 _MESSAGE_IDS = itertools.count(1)
 
 
-_ID_PREFIX = secrets.token_hex(2)  # per process, so ids differ across restarts
+# Per process, random: ids differ across restarts and replicas. A queued message's id
+# is its key in a store that outlives processes (and is shared between replicas), so 32
+# random bits: two processes share a prefix once in four billion pairs.
+_ID_PREFIX = secrets.token_hex(4)
 
 
 def new_message_id() -> str:
-    """Short and unique within this process's life: one grep finds one message."""
+    """16 hex digits, unique across processes: one grep finds one message."""
     return f"{_ID_PREFIX}{next(_MESSAGE_IDS):08x}"
 
 

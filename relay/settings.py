@@ -27,6 +27,7 @@ from relay.policy import (
     DomainList,
     normalize_domain,
     one_line,
+    parse_path,
 )
 
 T = TypeVar("T")
@@ -42,6 +43,7 @@ AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 TLS_VERSIONS = {"1.0": ssl.TLSVersion.TLSv1, "1.1": ssl.TLSVersion.TLSv1_1,
                 "1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 BCRYPT_HASH = re.compile(r"\$2[aby]\$[0-3][0-9]\$[./A-Za-z0-9]{53}")
+DELIVERY_MODES = ("sync", "queue", "fallback")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _BOOLEANS = {"true": True, "yes": True, "1": True, "on": True,
              "false": False, "no": False, "0": False, "off": False}
@@ -149,6 +151,25 @@ class Number(Kind[float]):
         except ValueError:
             raise ConfigError(f"{name}={raw!r}: expects a number") from None
         return _bounded(name, raw, value, self.minimum, self.maximum, "a number")
+
+
+_SECONDS_PER_UNIT = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class Duration(Kind[float]):
+    """Seconds, or a number with a unit: 90, 90s, 15m, 1.5h, 5d."""
+
+    def __init__(self, minimum: float = 0, maximum: float = math.inf) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def parse(self, name: str, raw: str) -> float:
+        match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)", raw.strip().lower())
+        if not raw.isascii() or match is None:
+            raise ConfigError(f"{name}={raw!r}: expects a duration: seconds, or a number "
+                              "with s, m, h or d (e.g. 90, 15m, 5d)")
+        value = float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
+        return _bounded(name, raw, value, self.minimum, self.maximum,
+                        "a duration in seconds")
 
 
 def _bounded(name: str, raw: str, value: Any, minimum: float, maximum: float,
@@ -392,6 +413,50 @@ class Config:
     check_header_from: bool = setting(
         "CHECK_HEADER_FROM", Boolean(), False,
         "also require the From: header's domains to be allowed")
+    # Durable delivery (the queue).
+    delivery_mode: str = setting(
+        "DELIVERY_MODE", Choice(*DELIVERY_MODES), "sync",
+        "sync: the upstream's answer; queue: store, then deliver; fallback: sync, "
+        "queue when the upstream cannot answer now")
+    queue_url: str = setting(
+        "QUEUE_URL", URL(), "sqlite:///spool/queue.db",
+        "the queue's store: sqlite:///relative.db, sqlite:////absolute.db or "
+        "postgresql://user:password@host/db")
+    queue_workers: int = setting("QUEUE_WORKERS", Integer(1, 256), 4,
+                                 "queued deliveries running at once")
+    queue_lease_seconds: float = setting(
+        "QUEUE_LEASE_SECONDS", Number(5, 3600), 30.0,
+        "a claimed delivery returns to the queue if its relay is silent this long")
+    queue_retry_min: float = setting(
+        "QUEUE_RETRY_MIN", Duration(1), 60.0,
+        "first retry after a temporary failure (then doubling, with jitter)")
+    queue_retry_max: float = setting("QUEUE_RETRY_MAX", Duration(1), 3600.0,
+                                     "longest wait between two tries")
+    queue_max_age: float = setting("QUEUE_MAX_AGE", Duration(1), 432000.0,
+                                   "give up (and bounce) after this long in the queue")
+    queue_max_messages: int = setting("QUEUE_MAX_MESSAGES", Integer(1), 100000,
+                                      "queued messages; beyond it 452 4.3.1")
+    queue_max_bytes: int = setting("QUEUE_MAX_BYTES", Integer(1024), 1073741824,
+                                   "bytes of queued messages; beyond it 452 4.3.1")
+    queue_min_free_bytes: int = setting(
+        "QUEUE_MIN_FREE_BYTES", Integer(0), 104857600,
+        "free disk space the SQLite queue leaves; below it 452 4.3.1")
+    bounce_to: str = setting(
+        "BOUNCE_TO", Text(), "sender",
+        "where bounces go: sender (the envelope sender), an address, or none")
+    archive: str = setting(
+        "ARCHIVE", Choice("off", "metadata", "full"), "off",
+        "keep delivered and failed messages: off, metadata, or full (with bodies)")
+    archive_max_age: float = setting("ARCHIVE_MAX_AGE", Duration(1), 604800.0,
+                                     "archived messages are kept this long")
+    archive_max_messages: int = setting("ARCHIVE_MAX_MESSAGES", Integer(0), 0,
+                                        "at most this many archived messages; 0 = no limit")
+    archive_max_bytes: int = setting("ARCHIVE_MAX_BYTES", Integer(0), 0,
+                                     "at most this many bytes archived; 0 = no limit")
+    api_token: str = setting("API_TOKEN", Secret(), "",
+                             "bearer token of the queue API (admin); empty = off")
+    api_read_token: str = setting("API_READ_TOKEN", Secret(), "",
+                                  "bearer token of the queue API, read only")
     # Operations.
     log_file: str = setting("LOG_FILE", Text(), "logs/smtp-relay.log",
                             "log file (logs also go to stderr)")
@@ -528,6 +593,18 @@ def check_consistency(config: Config) -> None:
     if config.relay_tls_ca_file and not os.path.isfile(config.relay_tls_ca_file):
         raise ConfigError(f"RELAY_TLS_CA_FILE={config.relay_tls_ca_file!r}: expects a "
                           "readable PEM file of CA certificates")
+    if config.queue_retry_min > config.queue_retry_max:
+        raise ConfigError(f"QUEUE_RETRY_MIN={config.queue_retry_min:g}s is longer than "
+                          f"QUEUE_RETRY_MAX={config.queue_retry_max:g}s: expects MIN <= MAX")
+    if not config.queue_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise ConfigError(f"QUEUE_URL={redact_url(config.queue_url)!r}: expects "
+                          "sqlite:///path.db or postgresql://user:password@host/db")
+    if config.bounce_to.lower() not in ("sender", "none"):
+        try:
+            parse_path(config.bounce_to)
+        except AddressError:
+            raise ConfigError(f"BOUNCE_TO={config.bounce_to!r}: expects sender, none or "
+                              "an email address") from None
     if config.use_tls or config.smtps_port is not None:
         reason = "USE_TLS is on" if config.use_tls else "SMTPS_PORT is set"
         for name, path in (("TLS_CERT_FILE", config.tls_cert_file),

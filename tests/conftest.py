@@ -51,6 +51,11 @@ RELAY_VARIABLES = (
     "MAX_HOPS", "CHECK_HEADER_FROM", "LOG_FORMAT", "LOG_MAX_BYTES", "LOG_BACKUP_COUNT",
     "HTTP_HOST", "HTTP_PORT", "READY_PROBE_SECONDS", "SMTP_USERS_FILE",
     "MAX_CONNECTIONS_PER_IP",
+    "DELIVERY_MODE", "QUEUE_URL", "QUEUE_WORKERS", "QUEUE_LEASE_SECONDS",
+    "QUEUE_RETRY_MIN", "QUEUE_RETRY_MAX", "QUEUE_MAX_AGE", "QUEUE_MAX_MESSAGES",
+    "QUEUE_MAX_BYTES", "QUEUE_MIN_FREE_BYTES", "BOUNCE_TO", "ARCHIVE", "ARCHIVE_MAX_AGE",
+    "ARCHIVE_MAX_MESSAGES", "ARCHIVE_MAX_BYTES", "API_TOKEN", "API_READ_TOKEN",
+    "API_TOKEN_FILE", "API_READ_TOKEN_FILE",
 )
 
 SENDER = "app@example.com"
@@ -160,9 +165,10 @@ class Upstream:
 
     def __init__(self, *, starttls_context: ssl.SSLContext | None = None,
                  implicit_tls_context: ssl.SSLContext | None = None,
-                 require_auth: bool = False, smtputf8: bool = True):
-        self.handler = UpstreamHandler()
-        self.port = free_port()
+                 require_auth: bool = False, smtputf8: bool = True,
+                 port: int | None = None, handler: UpstreamHandler | None = None):
+        self.handler = handler or UpstreamHandler()
+        self.port = port or free_port()  # a given port: an upstream that comes back
         options = {"enable_SMTPUTF8": smtputf8}
         if starttls_context is not None:
             options.update(tls_context=starttls_context, require_starttls=True)

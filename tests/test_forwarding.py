@@ -186,7 +186,7 @@ def transaction(client: smtplib.SMTP, recipients=(RECIPIENT,)) -> list:
     return steps
 
 
-RELAY_ID = re.compile(r" \(smtp-relay id [0-9a-f]{12}\)$")
+RELAY_ID = re.compile(r" \(smtp-relay id [0-9a-f]{16}\)$")
 
 
 def without_relay_id(code: int, text: str) -> str:
@@ -674,7 +674,7 @@ def test_received_header_names_relay_and_logged_message_id(start, upstream):
     assert body == message()
     match = re.fullmatch(
         rb"Received: from client\.test \(\[127\.0\.0\.1\]\)\r\n"
-        rb"\tby relay\.test \(smtp-relay\) with ESMTPA id ([0-9a-f]{12})\r\n"
+        rb"\tby relay\.test \(smtp-relay\) with ESMTPA id ([0-9a-f]{16})\r\n"
         rb"\tfor <ops@example\.com>;\r\n"
         rb"\t(.+)\r\n", header)
     assert match, header

@@ -68,7 +68,7 @@ SENDER = "app@example.com"
 RECIPIENT = "ops@example.com"
 ELSEWHERE = "app@elsewhere.test"  # in no allowlist
 CONFIG_ERROR = "smtp-relay: configuration error:"
-RELAY_ID = re.compile(r" \(smtp-relay id ([0-9a-f]{12})\)$")
+RELAY_ID = re.compile(r" \(smtp-relay id ([0-9a-f]{16})\)$")
 JSON_KEYS = ("time", "level", "event", "id", "peer", "user", "from", "to", "size",
              "upstream", "duration_ms")
 LOG_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}")
@@ -511,7 +511,7 @@ def test_log_file_rotates_at_log_max_bytes(start_relay, upstream):
         # longer than the limit (the start-up line can be) may stand alone above it.
         assert len(data) <= 2000 or data.count(b"\n") == 1, (file, len(data))
     logged = [found for file in files for found in
-              re.findall(r" delivered id=([0-9a-f]{12}) ", file.read_text())]
+              re.findall(r" delivered id=([0-9a-f]{16}) ", file.read_text())]
     assert logged, "no delivered line kept"
     assert logged == ids[-len(logged):]  # oldest file first, none lost in between
     assert len(logged) < len(ids)  # the oldest lines went with the dropped file

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 
 SENDER = "app@example.com"
 RECIPIENT = "ops@example.com"
-RELAY_ID = re.compile(r"\(smtp-relay id ([0-9a-f]{12})\)")
+RELAY_ID = re.compile(r"\(smtp-relay id ([0-9a-f]{16})\)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Applications and devices on a private network send mail through it. A client mus
 authenticate (or connect from TRUSTED_NETWORKS); its envelope sender and every recipient
 must be in an allowed domain; what passes is handed, command by command, to one upstream
 SMTP server (Gmail, SES, a company MTA), and the client is told the upstream's own
-verdict: `250` after DATA means the upstream has the message.
+verdict: `250` after DATA means the upstream has the message. With DELIVERY_MODE=queue
+(or fallback, where the upstream cannot answer now) `250` means the message is durably
+in the queue instead, and background workers deliver it.
 
 The path of a message, and who owns each step:
 
@@ -14,19 +16,22 @@ The path of a message, and who owns each step:
     MAIL         SMTPRelayHandler  authenticated? sender domain? rate? -> upstream MAIL
     RCPT         SMTPRelayHandler  recipient domain? count? rate?     -> upstream RCPT
     DATA         SMTPRelayHandler  smuggling, hops, From:, + Received: -> upstream DATA
-    outcome      SMTPRelayHandler  exactly one `delivered` or `delivery-failed` line
+    outcome      SMTPRelayHandler  exactly one `delivered`, `delivery-failed` or `queued`
+    queued       Queue (delivery)  claim, upstream, record: delivered, deferred, bounced
 
 Every reply the relay makes itself is named in relay/replies.py, and written down
 (log line and metric) by one call, Metrics.record. Supporting code is in the `relay`
 package, one module per concern: settings (the table of variables), replies, policy
 (pure checks), users (passwords, lock-outs), ratelimit, upstream (the handshake, the
 pooled upstream sessions, the Forwarder), observability (logs and metrics), protocol
-(aiosmtpd's protocol with the relay's overrides, the typed session) and operations
-(HTTP, check, demo, hash-password).
+(aiosmtpd's protocol with the relay's overrides, the typed session), operations
+(HTTP, check, demo, hash-password), and the queue: store (SQLite or PostgreSQL),
+delivery (the workers, retries), bounce (RFC 3464 reports) and admin (CLI and API).
 
 Run `python smtp_relay.py` to serve; `python smtp_relay.py demo` starts the relay in front
 of a local demo upstream that prints what it receives; `check` tries the upstream
-settings step by step; `hash-password` prints a bcrypt hash for SMTP_AUTH_PASSWORD_HASH.
+settings step by step; `hash-password` prints a bcrypt hash for SMTP_AUTH_PASSWORD_HASH; `queue list|show|retry|
+hold|release|delete` looks after the queue (DELIVERY_MODE queue or fallback).
 """
 
 from __future__ import annotations
@@ -49,12 +54,16 @@ from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
 )
+from relay.store import Store, StoreError
 
 from relay import replies
+from relay.admin import QueueAPI, queue_command
+from relay.delivery import Queue, queue_message
 from relay.observability import (
     Metrics,
     log,
     log_event,
+    session_user,
     setup_logging,
 )
 from relay.operations import (
@@ -69,6 +78,7 @@ from relay.policy import (
     SAFE_HELO,
     AddressError,
     count_received_headers,
+    declared_size,
     forbidden_in_data,
     header_block_end,
     header_from_domains,
@@ -97,6 +107,7 @@ from relay.settings import (
     ConfigError,
     inbound_tls_context,
     load_config,
+    redact_url,
 )
 from relay.upstream import Forwarder, UpstreamError
 from relay.users import (
@@ -216,11 +227,13 @@ class SMTPRelayHandler:
     """aiosmtpd handler: the checks for each stage, then the upstream's verdict."""
 
     def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter,
-                 metrics: Metrics):
+                 metrics: Metrics, queue: Queue | None = None):
         self.config = config
         self.forwarder = forwarder
         self.rate_limiter = rate_limiter
         self.metrics = metrics
+        self.queue = queue  # DELIVERY_MODE queue or fallback, or ARCHIVE on
+        self.mode = config.delivery_mode
 
     async def handle_EHLO(self, server: SMTP, session: RelaySession, envelope: Any,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -259,11 +272,29 @@ class SMTPRelayHandler:
             if limit is not None:
                 return self.metrics.record(replies.RATE_LIMITED, session, **limit,
                                            **{"from": str(sender)})
-        try:
-            reply = await self.forwarder.begin(session, str(sender), mail_options)
-        except UpstreamError as error:
-            return self.metrics.record(error.kind, session, detail=error.detail,
-                                       stage="MAIL", **{"from": str(sender)})
+        session.queue_recipients = []
+        session.queue_only = self.mode == "queue"
+        if session.queue_only:  # store first: the upstream is not asked now
+            assert self.queue is not None
+            full = self.queue.room(declared_size(mail_options))
+            if full is not None:
+                return self.metrics.record(replies.QUEUE_FULL, session, detail=full,
+                                           **{"from": str(sender)})
+            reply = replies.SENDER_OK.format()
+        else:
+            try:
+                reply = await self.forwarder.begin(session, str(sender), mail_options)
+            except UpstreamError as error:
+                if self.mode != "fallback":
+                    return self.metrics.record(error.kind, session, detail=error.detail,
+                                               stage="MAIL", **{"from": str(sender)})
+                reply = error.reply
+            if self.mode == "fallback" and reply[:1] == "4":
+                # The upstream cannot answer now: the whole message goes to the queue.
+                session.queue_only = True
+                log_event(logging.WARNING, "upstream-unavailable", session, stage="MAIL",
+                          upstream=reply, then="queue")
+                reply = replies.SENDER_OK.format()
         if reply.startswith("250"):
             envelope.mail_from = str(sender)
             envelope.mail_options.extend(mail_options)
@@ -277,7 +308,7 @@ class SMTPRelayHandler:
                           address: str, rcpt_options: list[str]) -> str:
         fields: dict[str, Any] = {"from": envelope.mail_from}
         policy = session.policy
-        if session.transaction is None or policy is None:  # it ended under us
+        if policy is None or (session.transaction is None and not session.queue_only):
             return self.metrics.record(replies.UPSTREAM_TRANSACTION_LOST, session,
                                        detail="start the message again", **fields)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
@@ -296,11 +327,23 @@ class SMTPRelayHandler:
             if limit is not None:
                 return self.metrics.record(replies.RATE_LIMITED, session, **limit,
                                            **fields, to=str(recipient))
-        try:
-            reply = await self.forwarder.add_recipient(session, str(recipient))
-        except UpstreamError as error:
-            return self.metrics.record(error.kind, session, detail=error.detail,
-                                       stage="RCPT", **fields, to=str(recipient))
+        if session.queue_only:
+            session.queue_recipients.append(str(recipient))
+            reply = replies.RECIPIENT_OK.format()
+        else:
+            try:
+                reply = await self.forwarder.add_recipient(session, str(recipient))
+            except UpstreamError as error:
+                if self.mode != "fallback":
+                    return self.metrics.record(error.kind, session, detail=error.detail,
+                                               stage="RCPT", **fields, to=str(recipient))
+                reply = error.reply
+            if self.mode == "fallback" and reply[:1] == "4":
+                # This recipient waits in the queue; the others still go upstream.
+                log_event(logging.WARNING, "upstream-unavailable", session, stage="RCPT",
+                          to=str(recipient), upstream=reply, then="queue")
+                session.queue_recipients.append(str(recipient))
+                reply = replies.RECIPIENT_OK.format()
         if reply[:1] == "2":
             envelope.rcpt_tos.append(str(recipient))
         else:
@@ -315,47 +358,108 @@ class SMTPRelayHandler:
                                   "size": len(envelope.original_content or b"")}
         policy = session.policy
         refusal = self._refuse_content(content, policy) if policy is not None else None
-        if refusal is None and (session.transaction is None or policy is None):
+        if refusal is None and (policy is None or (session.transaction is None and
+                                                   not session.queue_only)):
             refusal = replies.UPSTREAM_TRANSACTION_LOST, {"detail": "send the message "
                                                           "again"}
         if refusal is not None:
             self.forwarder.finish(session, reset=True)
             kind, details = refusal
             return self.metrics.record(kind, session, **fields, **details)
-        message = self._received_header(server, session, envelope) + content
+        header = self._received_header(server, session, envelope)
         # When the client leaves, aiosmtpd cancels this hook; the upstream may still
         # accept the message. The delivery goes on by itself and logs its outcome.
-        delivery = asyncio.ensure_future(self._deliver(session, envelope, message,
-                                                       fields))
+        delivery = asyncio.ensure_future(self._deliver(session, envelope, header, fields))
         try:
             return await asyncio.shield(delivery)
         except asyncio.CancelledError:
             self.forwarder.outlive(delivery)
             raise
 
-    async def _deliver(self, session: RelaySession, envelope: RelayEnvelope, message: bytes,
+    async def _deliver(self, session: RelaySession, envelope: RelayEnvelope, header: bytes,
                        fields: dict[str, Any]) -> str:
-        """The data upstream; one `delivered` or `delivery-failed` line either way."""
+        """The data upstream, or to the queue; one `delivered`, `delivery-failed` or
+        `queued` line for each part."""
+        queued = session.queue_recipients
+        if session.queue_only or len(queued) == len(envelope.rcpt_tos):
+            self.forwarder.finish(session, reset=True)  # fallback: nothing goes upstream
+            return await self._enqueue(session, envelope, header, envelope.rcpt_tos, fields)
+        upstream_recipients = [r for r in envelope.rcpt_tos if r not in queued]
+        fields = {**fields, "to": upstream_recipients}
         sent_at = time.monotonic()
         try:
-            accepted, reply = await self.forwarder.send_data(session, message)
+            accepted, reply = await self.forwarder.send_data(
+                session, header + envelope.smtp_data)
         except UpstreamError as error:
             accepted, reply = False, error.reply
         now = time.monotonic()
         self.metrics.upstream_duration.observe(now - sent_at)
         duration_ms = round((now - session.started) * 1000, 1)
+        if not accepted and self.mode == "fallback" and reply[:1] == "4":
+            log_event(logging.WARNING, "upstream-unavailable", session, stage="DATA",
+                      upstream=reply, then="queue")
+            return await self._enqueue(session, envelope, header, envelope.rcpt_tos,
+                                       fields)
         if accepted:
-            self.metrics.delivered(session, len(envelope.rcpt_tos), fields["size"])
+            self.metrics.delivered(session, len(upstream_recipients), fields["size"])
             log_event(logging.INFO, "delivered", session, **fields, upstream=reply,
                       duration_ms=duration_ms)
+            if queued:  # fallback: the others wait in the queue
+                return await self._enqueue(session, envelope, header, queued, fields,
+                                           upstream=reply)
             # The client's 250 names the relay's id too: one grep finds the log line.
-            reply = f"{reply} (smtp-relay id {session.message_id})"
+            client_reply = f"{reply} (smtp-relay id {session.message_id})"
         else:
             self.metrics.rejected(upstream_reason(reply), session)
             log_event(logging.ERROR, "delivery-failed", session, **fields,
                       upstream=reply, duration_ms=duration_ms)
+            client_reply = reply
+        if self.config.archive != "off" and (accepted or reply[:1] == "5"):
+            await self._archive(session, envelope, header, upstream_recipients,
+                                "delivered" if accepted else "failed", reply)
         session.message_id = None  # later lines about the connection are not about it
+        return client_reply
+
+    async def _enqueue(self, session: RelaySession, envelope: RelayEnvelope, header: bytes,
+                       recipients: list[str], fields: dict[str, Any],
+                       upstream: str | None = None) -> str:
+        """Commit the message for `recipients` to the queue: 250 only once it is
+        durably stored. `upstream`: the upstream's 250 for the other recipients."""
+        assert self.queue is not None  # queue and fallback modes have one
+        fields = {**fields, "to": recipients}
+        message = queue_message(session.message_id or new_message_id(),
+                                session_user(session), session.peer_ip,
+                                envelope.mail_from or "", recipients,
+                                header + (envelope.original_content or b""))
+        full = self.queue.room(len(message.body))
+        if full is not None:
+            reply = self.metrics.record(replies.QUEUE_FULL, session, **fields, detail=full)
+        else:
+            try:
+                await self.queue.commit(message)
+            except StoreError as error:
+                reply = self.metrics.record(replies.QUEUE_FAILED, session, **fields,
+                                            detail=str(error))
+            else:
+                kind = replies.QUEUED if upstream is None else replies.QUEUED_PARTLY
+                reply = self.metrics.record(kind, session, **fields, id=message.id,
+                                            upstream=upstream, count=len(recipients))
+        session.message_id = None
         return reply
+
+    async def _archive(self, session: RelaySession, envelope: RelayEnvelope, header: bytes,
+                       recipients: list[str], status: str, reply: str) -> None:
+        """ARCHIVE in sync mode: the record of a message the upstream decided on."""
+        assert self.queue is not None  # ARCHIVE on opens the store
+        message = queue_message(
+            session.message_id or new_message_id(), session_user(session),
+            session.peer_ip, envelope.mail_from or "", recipients,
+            header + (envelope.original_content or b""),
+            outcomes={recipient: (status, reply) for recipient in recipients})
+        try:
+            await self.queue.commit(message)
+        except StoreError as error:
+            log_event(logging.ERROR, "archive-failed", session, reason=str(error))
 
     async def handle_RSET(self, server: SMTP, session: RelaySession, envelope: Any) -> str:
         await self._abandon(session)
@@ -420,8 +524,13 @@ class SMTPRelayServer:
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self.forwarder = Forwarder(config, self.metrics)
         self.rate_limiter = RateLimiter(config)
+        self.queue: Queue | None = None
+        if config.delivery_mode != "sync" or config.archive != "off" or \
+                config.api_token or config.api_read_token:
+            self.queue = Queue(config, open_store(config), self.forwarder.pool,
+                               self.metrics)
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
-                                        self.metrics)
+                                        self.metrics, self.queue)
         self.default_policy = default_policy(config)
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.authenticator = SMTPAuthHandler(config, self.auth_guard, self.metrics)
@@ -532,6 +641,8 @@ class SMTPRelayServer:
                 del self._per_ip[address]
 
     async def start(self) -> None:
+        if self.queue is not None:  # deliveries left from the last run start now
+            self.queue.start(deliver=self.config.delivery_mode != "sync")
         await self._listen("LISTEN_PORT", self.config.listen_port, self._make_protocol)
         if self.config.smtps_port is not None:
             await self._listen("SMTPS_PORT", self.config.smtps_port,
@@ -617,7 +728,19 @@ class SMTPRelayServer:
         for protocol in list(self.connections):
             if protocol.transport is not None:
                 protocol.transport.close()
+        if self.queue is not None:  # its workers use the upstream pool
+            await self.queue.stop()
         await self.forwarder.close()
+
+
+def open_store(config: Config) -> Store:
+    """The queue's store, or the start-up error naming QUEUE_URL."""
+    try:
+        return Store.open(config.queue_url, archive=config.archive)
+    except StoreError as error:
+        raise ConfigError(f"QUEUE_URL={redact_url(config.queue_url)!r}: cannot open the "
+                          f"queue ({error}): expects a writable SQLite path or a "
+                          "reachable PostgreSQL database") from None
 
 
 def startup_warnings(config: Config) -> None:
@@ -646,7 +769,9 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
                 log_handler: LogHandler | None = None) -> int:
     server = SMTPRelayServer(config)
     await server.start()
-    http = HTTPEndpoint(server) if config.http_port is not None else None
+    api = QueueAPI(server.queue.store, config.api_token, config.api_read_token) \
+        if server.queue is not None and (config.api_token or config.api_read_token) else None
+    http = HTTPEndpoint(server, api=api) if config.http_port is not None else None
     if http is not None:
         await http.start()
     log_event(logging.INFO, "started", listen=f"{config.listen_host}:{server.port}",
@@ -677,7 +802,7 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
     return 0
 
 
-COMMANDS = ("serve", "demo", "hash-password", "check")
+COMMANDS = ("serve", "demo", "hash-password", "check", "queue")
 
 
 def run_loop(main_coroutine: Coroutine[Any, Any, int]) -> int:
@@ -692,7 +817,7 @@ def run_loop(main_coroutine: Coroutine[Any, Any, int]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else "serve"
-    if command not in COMMANDS or len(argv) > 1:
+    if command not in COMMANDS or (len(argv) > 1 and command != "queue"):
         print(f"usage: {os.path.basename(sys.argv[0])} [{'|'.join(COMMANDS)}]",
               file=sys.stderr)
         return 2
@@ -707,6 +832,13 @@ def main(argv: list[str] | None = None) -> int:
                                                      if k not in DEMO_ENV}}))
         if command == "check":
             return check_command(os.environ)
+        if command == "queue":  # the operator's view of the store, beside a running relay
+            config = load_config(os.environ)
+            store = open_store(config)
+            try:
+                return queue_command(argv[1:], store, sys.stdout)
+            finally:
+                store.close()
         config = load_config(os.environ)
         log_handler = setup_logging(config)
         return run_loop(serve(config, log_handler=log_handler))

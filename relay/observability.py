@@ -364,6 +364,31 @@ class Metrics:
             "smtp_relay_upstream_sessions_reused",
             "Transactions that reused a pooled upstream session.", registry=registry)
 
+        # The queue (DELIVERY_MODE queue or fallback).
+        self.queue_committed = prometheus_client.Counter(
+            "smtp_relay_queue_committed", "Messages committed to the queue (bounces "
+            "included).", registry=registry)
+        self.queue_attempts = prometheus_client.Counter(
+            "smtp_relay_queue_attempts", "Queued recipients' delivery attempts, by "
+            "result: delivered, deferred, failed, expired.", ["result"], registry=registry)
+        self.queue_bounces = prometheus_client.Counter(
+            "smtp_relay_queue_bounces", "Bounces (DSNs) queued.", registry=registry)
+        self.queue_recipients = prometheus_client.Gauge(
+            "smtp_relay_queue_recipients", "Recipients in the store, by status.",
+            ["status"], registry=registry)
+        self.queue_oldest_age = prometheus_client.Gauge(
+            "smtp_relay_queue_oldest_age_seconds", "Age of the oldest message still to "
+            "be delivered; 0 when there is none.", registry=registry)
+        self.upstream_up = prometheus_client.Gauge(
+            "smtp_relay_upstream_up", "1 when the last upstream probe or queued delivery "
+            "reached the upstream, 0 when it did not.", registry=registry)
+
+    def queue_observe(self, stats: dict[str, Any]) -> None:
+        """The depth gauges, from Store.stats."""
+        for status, count in stats["recipients"].items():
+            self.queue_recipients.labels(status).set(count)
+        self.queue_oldest_age.set(stats["oldest_queued_age"] or 0)
+
     def delivered(self, session: RelaySession, recipients: int, size: int) -> None:
         user = session_user(session) or "-"
         self.messages_accepted.labels(user).inc()

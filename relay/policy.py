@@ -355,3 +355,12 @@ def long_line_in(data: bytes, limit: int) -> bool:
         start = last + 1
     return False
 
+
+
+def declared_size(mail_options: list[str]) -> int:
+    """The SIZE=n a client declared at MAIL (RFC 1870), or 0."""
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isascii() and value.isdigit():
+            return int(value)
+    return 0

@@ -1,0 +1,332 @@
+"""Durable delivery: committing messages to the queue, and the background workers that
+deliver them.
+
+`Queue` is what the SMTP handlers see: `room` (may one more message be stored?) and
+`commit` (a 250 may go out once it returns). Its workers claim due recipients from the
+store, send them through the same upstream pool and rules as synchronous delivery, and
+record each outcome: delivered; deferred, with the next try after a full-jitter
+exponential backoff; failed (a 5xx) or expired (QUEUE_MAX_AGE passed), each with a
+bounce to the sender (itself queued, so it survives a crash too).
+
+Delivery is at least once: a recipient whose upstream 250 arrived but was not recorded
+yet (a crash in between) is tried again by whoever claims it next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import smtplib
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from relay import replies
+from relay.bounce import FailedRecipient, bounce_wanted, build_dsn, is_bounce
+from relay.observability import log, log_event
+from relay.protocol import new_message_id
+from relay.store import (
+    Attempt,
+    Claim,
+    GroupCommit,
+    NewMessage,
+    Result,
+    Store,
+    StoreError,
+)
+from relay.upstream import (
+    LINK_ERRORS,
+    UpstreamConnection,
+    UpstreamError,
+    describe_error,
+)
+
+if TYPE_CHECKING:
+    from relay.observability import Metrics
+    from relay.settings import Config
+    from relay.upstream import UpstreamPool
+
+# (code, text) per recipient; code 0: the link failed before the upstream answered.
+Outcomes = dict[str, tuple[int, str]]
+
+
+def retry_delay(attempts: int, minimum: float, maximum: float,
+                rng: random.Random | None = None) -> float:
+    """Seconds until the next try after `attempts` failed ones: full jitter over
+    [minimum, ceiling], the ceiling doubling from `minimum` up to `maximum`. The first
+    retry comes after exactly `minimum`; none ever comes sooner (an upstream that is
+    down is not hammered), and a crowd deferred together spreads out. Float seconds
+    throughout: rounding to whole units turns a slow doubling into a flat schedule."""
+    ceiling = min(maximum, minimum * 2.0 ** max(0, attempts - 1))
+    return (rng or random).uniform(minimum, max(minimum, ceiling))
+
+
+def dot_stuffed(body: bytes) -> bytes:
+    """The body as the DATA command carries it (RFC 5321 4.5.2), ending in CRLF."""
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[str],
+             body: bytes) -> tuple[Outcomes, bool]:
+    """One whole upstream transaction, blocking (a worker thread): MAIL, each RCPT,
+    DATA. Returns each recipient's reply, and whether the session is still usable
+    between transactions (False: close it)."""
+    outcomes: Outcomes = {}
+    try:
+        options = [f"SIZE={len(body)}"] if connection.has("size") else []
+        if not body.isascii() and connection.has("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not (sender.isascii() and all(r.isascii() for r in recipients)):
+            if not connection.has("smtputf8"):
+                refusal = replies.NO_SMTPUTF8.format()
+                return {r: (int(refusal[:3]), refusal[4:]) for r in recipients}, True
+            options.append("SMTPUTF8")
+            assert connection.smtp is not None
+            connection.smtp.command_encoding = "utf-8"
+        code, text = connection.command("MAIL", f"FROM:<{sender}>" +
+                                        "".join(" " + o for o in options))
+        if not 200 <= code < 300:
+            return {r: (code, text) for r in recipients}, 200 <= code < 600 and code != 421
+        accepted = []
+        for recipient in recipients:
+            code, text = connection.command("RCPT", f"TO:<{recipient}>")
+            outcomes[recipient] = (code, text)
+            if 200 <= code < 300:
+                accepted.append(recipient)
+            elif code == 421 or not 400 <= code < 600:
+                raise smtplib.SMTPServerDisconnected(f"{code} {text}")
+        if accepted:
+            sent, code, text = connection.data(dot_stuffed(body))
+            for recipient in accepted:
+                outcomes[recipient] = (code, text)
+            if sent and 200 <= code < 600 and code != 421:
+                return outcomes, True  # the reply after the data ends the transaction
+            if code == 421 or not 200 <= code < 600:
+                return outcomes, False
+        code, _ = connection.command("RSET", "")
+        return outcomes, code == 250
+    except (*LINK_ERRORS, smtplib.SMTPException) as error:
+        detail = describe_error(error)
+        for recipient in recipients:
+            if recipient not in outcomes or 200 <= outcomes[recipient][0] < 300:
+                outcomes[recipient] = (0, f"451 4.4.2 Upstream connection was lost: {detail}")
+        return outcomes, False
+
+
+class Queue:
+    """The queue as the relay uses it: commit, room, and the delivery workers."""
+
+    POLL_SECONDS = 1.0  # how often idle workers look for due recipients (others' too)
+    HOUSEKEEPING_SECONDS = 30.0  # archive retention, the depth gauges
+
+    def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics):
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.metrics = metrics
+        self.committer = GroupCommit(store)
+        # Who we are in the store's locks: unique per process, across replicas.
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{new_message_id()[:8]}"
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.usage = store.usage()  # refreshed by housekeeping and each commit
+        self.upstream_ok: bool | None = None  # how the last delivery attempt went
+
+    # --- the SMTP side -----------------------------------------------------------------
+
+    def room(self, size: int) -> str | None:
+        """Why a message of `size` bytes cannot be stored now, or None."""
+        config, usage = self.config, self.usage
+        if usage.messages + 1 > config.queue_max_messages:
+            return f"{usage.messages} messages queued, QUEUE_MAX_MESSAGES"
+        if usage.bytes + size > config.queue_max_bytes:
+            return "QUEUE_MAX_BYTES reached"
+        if usage.free_bytes is not None and \
+                usage.free_bytes - size < config.queue_min_free_bytes:
+            return "disk nearly full, QUEUE_MIN_FREE_BYTES"
+        return None
+
+    async def commit(self, message: NewMessage) -> None:
+        """Durably stored when this returns (StoreError if not): only then a 250."""
+        await self.committer.add(message)
+        self.usage.messages += 1
+        self.usage.bytes += len(message.body)
+        if self.usage.free_bytes is not None:
+            self.usage.free_bytes -= len(message.body)
+        self.metrics.queue_committed.inc()
+        self._wake.set()
+
+    # --- the workers ---------------------------------------------------------------------
+
+    def start(self, *, deliver: bool = True) -> None:
+        """The workers (`deliver`: not for sync mode, whose store is only the archive)
+        and the housekeeping."""
+        if deliver:
+            for number in range(self.config.queue_workers):
+                self._tasks.append(asyncio.create_task(self._work(f"{self.name}/{number}")))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        """Stop taking work; deliveries in progress get TIMEOUT to finish, then this
+        process's claims go back to the queue for the next start (or replica)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.config.timeout)
+        for number in range(self.config.queue_workers):
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(self.store.release_claims,
+                                        f"{self.name}/{number}")
+        self.committer.close()
+        await asyncio.to_thread(self.store.close)
+
+    async def _work(self, worker: str) -> None:
+        while True:
+            try:
+                claims = await asyncio.to_thread(
+                    self.store.claim, worker, time.time(),
+                    self.config.queue_lease_seconds, 1)
+            except StoreError as error:
+                log_event(logging.ERROR, "queue-error", reason=str(error))
+                claims = []
+            if not claims:
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.POLL_SECONDS)
+                continue
+            for claim in claims:
+                try:
+                    await self._deliver(worker, claim)
+                except StoreError as error:
+                    log_event(logging.ERROR, "queue-error", id=claim.id, reason=str(error))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 (a bug must not stop the worker)
+                    log.exception("unexpected error delivering %s", claim.id)
+
+    async def _deliver(self, worker: str, claim: Claim) -> None:
+        addresses = [recipient.address for recipient in claim.recipients]
+        started, tls = time.time(), self.config.relay_use_tls or self.config.relay_use_ssl
+        renewing = asyncio.create_task(self._renew(worker, claim.id))
+        try:
+            outcomes = await self._attempt(claim.sender, addresses, claim.body)
+        finally:
+            renewing.cancel()
+        now = time.time()
+        upstream = f"{self.config.relay_host}:{self.config.relay_port}"
+        results, failed = [], []
+        for recipient in claim.recipients:
+            code, text = outcomes[recipient.address]
+            reply = f"{code} {text}" if code else text
+            attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
+            fields = {"id": claim.id, "from": claim.sender, "to": recipient.address,
+                      "attempts": recipient.attempts + 1, "upstream": reply}
+            if 200 <= code < 300:
+                results.append(Result(recipient.address, "delivered", reply, None, attempt))
+                self.metrics.queue_attempts.labels("delivered").inc()
+                log_event(logging.INFO, "delivered", **fields, queued_s=round(
+                    now - claim.received, 1))
+            elif 500 <= code < 600:
+                results.append(Result(recipient.address, "failed", reply, None, attempt))
+                failed.append(FailedRecipient(recipient.address, reply))
+                self.metrics.queue_attempts.labels("failed").inc()
+                log_event(logging.ERROR, "delivery-failed", **fields)
+            elif now - claim.received >= self.config.queue_max_age:
+                results.append(Result(recipient.address, "failed", reply, None, attempt))
+                failed.append(FailedRecipient(recipient.address, reply, expired=True))
+                self.metrics.queue_attempts.labels("expired").inc()
+                log_event(logging.ERROR, "expired", **fields,
+                          queued_s=round(now - claim.received, 1))
+            else:
+                delay = retry_delay(recipient.attempts + 1, self.config.queue_retry_min,
+                                    self.config.queue_retry_max)
+                results.append(Result(recipient.address, "deferred", reply, now + delay,
+                                      attempt))
+                self.metrics.queue_attempts.labels("deferred").inc()
+                log_event(logging.WARNING, "deferred", **fields,
+                          next_attempt_s=round(delay, 1))
+        if failed:
+            await self._bounce(claim, failed, now)
+        await asyncio.to_thread(self.store.record, worker, claim.id, results, now)
+
+    async def _attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
+        """Each recipient's reply from one try through the pool."""
+        try:
+            connection = await self.pool.acquire()
+        except UpstreamError as error:
+            self.upstream_ok = False
+            return {r: (0, error.reply) for r in recipients}
+        try:
+            outcomes, reusable = await self.pool.run(transact, connection, sender,
+                                                     recipients, body)
+        except BaseException:
+            self.pool.discard(connection)
+            raise
+        if reusable:
+            connection.messages_sent += 1
+            self.pool.release(connection)
+        else:
+            self.pool.discard(connection)
+        self.upstream_ok = any(code for code, _ in outcomes.values())
+        return outcomes
+
+    async def _renew(self, worker: str, message_id: str) -> None:
+        """Keep the claim while the delivery runs: another relay takes it over only
+        when this one has gone silent for QUEUE_LEASE_SECONDS."""
+        lease = self.config.queue_lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(StoreError):
+                await asyncio.to_thread(self.store.renew, worker, message_id,
+                                        time.time() + lease)
+
+    async def _bounce(self, claim: Claim, failed: list[FailedRecipient], now: float) -> None:
+        """Queue a DSN to the sender (or BOUNCE_TO) before the failure is recorded: a
+        crash in between can only mean a second bounce, never none."""
+        to = bounce_wanted(claim.sender, self.config.bounce_to)
+        if to is None or is_bounce(claim.body):  # never bounce a bounce (RFC 3834)
+            log_event(logging.INFO, "not-bounced", id=claim.id, **{"from": claim.sender},
+                      to=[f.address for f in failed])
+            return
+        bounce = NewMessage(
+            id=new_message_id(), received=now, user=None, peer="", sender="",
+            body=build_dsn(reporting_mta=self.config.smtp_hostname, message_id=claim.id,
+                           original_sender=claim.sender, recipients=failed,
+                           original=claim.body, arrival=claim.received, now=now, to=to),
+            recipients=[to], trace_id=claim.id)
+        await self.commit(bounce)
+        self.metrics.queue_bounces.inc()
+        log_event(logging.WARNING, "bounced", id=claim.id, bounce_id=bounce.id, to=to,
+                  failed=[f.address for f in failed])
+
+    async def _housekeeping(self) -> None:
+        config = self.config
+        while True:
+            try:
+                if config.archive != "off":
+                    purged = await asyncio.to_thread(
+                        self.store.purge, time.time(), max_age=config.archive_max_age,
+                        max_messages=config.archive_max_messages,
+                        max_bytes=config.archive_max_bytes)
+                    if purged:
+                        log_event(logging.INFO, "archive-purged", messages=purged)
+                self.usage = await asyncio.to_thread(self.store.usage)
+                stats = await asyncio.to_thread(self.store.stats, time.time())
+                self.metrics.queue_observe(stats)
+            except StoreError as error:
+                log_event(logging.ERROR, "queue-error", reason=str(error))
+            await asyncio.sleep(self.HOUSEKEEPING_SECONDS)
+
+
+def queue_message(message_id: str, user: str | None, peer: str, sender: str,
+                  recipients: list[str], body: bytes, **extra: Any) -> NewMessage:
+    """A NewMessage for the store, from what the handler holds."""
+    return NewMessage(id=message_id, received=time.time(), user=user, peer=peer,
+                      sender=sender, body=body, recipients=list(recipients), **extra)

@@ -1,0 +1,356 @@
+"""Issue #10 end to end: DELIVERY_MODE=queue and fallback, against a real relay
+process, a real upstream (aiosmtpd, started and stopped by the test to play an outage)
+and the real SQLite store file. PostgreSQL with two relays: test_queue_postgres.py."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import (
+    RECIPIENT,
+    SENDER,
+    SMTP_RELAY,
+    Upstream,
+    UpstreamHandler,
+    free_port,
+    message,
+    relay_env,
+    try_message,
+)
+
+QUEUED = re.compile(r"^250 2\.0\.0 Queued as ([0-9a-f]{16})$")
+FAST_RETRIES = {"QUEUE_RETRY_MIN": "0.3", "QUEUE_RETRY_MAX": "0.6"}
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def subjects(upstream: Upstream) -> list[str]:
+    return [email.message_from_bytes(m.content).get("Subject", "")
+            for m in upstream.messages]
+
+
+def send(relay, subject: str, recipients: tuple[str, ...] = (RECIPIENT,)) -> str:
+    with relay.client() as client:
+        return try_message(client, message(subject), recipients)
+
+
+@pytest.fixture
+def down_upstream():
+    """A port where an upstream will come up later: `start()` starts it there."""
+    port = free_port()
+    started: list[Upstream] = []
+    handler = UpstreamHandler()
+
+    class Later:
+        def __init__(self) -> None:
+            self.port = port
+            self.handler = handler
+
+        def start(self) -> Upstream:
+            upstream = Upstream(port=port, handler=handler)
+            started.append(upstream)
+            return upstream
+
+        @property
+        def messages(self):
+            return handler.messages
+
+    yield Later()
+    for upstream in started:
+        upstream.stop()
+
+
+# --- queue mode ---------------------------------------------------------------------------
+
+def test_queue_mode_answers_once_stored_then_delivers(start, upstream, tmp_path):
+    relay = start(upstream, DELIVERY_MODE="queue")
+    reply = send(relay, "queued one")
+    match = QUEUED.match(reply)
+    assert match, reply
+    queue_id = match.group(1)
+    wait_until(lambda: subjects(upstream) == ["queued one"], what="delivery")
+    log = relay.wait_for_log(f"delivered id={queue_id}")
+    assert f"queued id={queue_id}" in log
+    # The store is the SQLite file the default QUEUE_URL names, in WAL mode.
+    database = relay.workdir / "spool" / "queue.db"
+    assert database.exists()
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_queue_mode_rides_out_an_upstream_outage(start, down_upstream):
+    relay = start(down_upstream, DELIVERY_MODE="queue", **FAST_RETRIES)
+    ids = [QUEUED.match(send(relay, f"outage {n}")).group(1) for n in range(5)]
+    relay.wait_for_log("deferred id=")
+    down_upstream.start()
+    wait_until(lambda: len(down_upstream.messages) >= 5, what="all five delivered")
+    time.sleep(1.0)  # nothing arrives twice
+    assert sorted(subjects(down_upstream)) == sorted(f"outage {n}" for n in range(5))
+    log = relay.log()
+    for queue_id in ids:
+        assert log.count(f"delivered id={queue_id}") == 1
+    assert "next_attempt_s=" in log
+
+
+def test_queue_mode_bounces_a_permanent_failure_to_the_sender(start, upstream):
+    upstream.handler.rcpt_replies[RECIPIENT] = "550 5.1.1 No such user here"
+    relay = start(upstream, DELIVERY_MODE="queue")
+    queue_id = QUEUED.match(send(relay, "doomed")).group(1)
+    wait_until(lambda: len(upstream.messages) == 1, what="the bounce")
+    time.sleep(0.5)
+    assert len(upstream.messages) == 1  # one bounce, no more
+    bounce = upstream.messages[0]
+    assert bounce.mail_from == "" and bounce.rcpt_tos == [SENDER]
+    report = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert "550 5.1.1" in bounce.content.decode()
+    assert "Subject: doomed" in bounce.content.decode()  # the original's headers
+    log = relay.wait_for_log("bounced id=")
+    assert f"delivery-failed id={queue_id}" in log
+
+
+def test_queue_mode_never_bounces_a_bounce(start, upstream):
+    upstream.handler.rcpt_replies[RECIPIENT] = "550 5.1.1 No such user here"
+    relay = start(upstream, DELIVERY_MODE="queue", TRUSTED_NETWORKS="127.0.0.1/32")
+    with relay.client(login=False) as client:
+        client.sendmail("<>", [RECIPIENT], message("a bounce of ours"))
+    relay.wait_for_log("not-bounced id=")
+    time.sleep(0.5)
+    assert upstream.messages == []
+
+
+def test_queue_mode_gives_up_after_max_age_and_bounces(start, upstream):
+    upstream.handler.rcpt_replies[RECIPIENT] = "451 4.3.0 Try again later"
+    relay = start(upstream, DELIVERY_MODE="queue", QUEUE_MAX_AGE="2", **FAST_RETRIES)
+    queue_id = QUEUED.match(send(relay, "too late")).group(1)
+    relay.wait_for_log(f"expired id={queue_id}", timeout=20)
+    wait_until(lambda: len(upstream.messages) == 1, what="the bounce")
+    bounce = upstream.messages[0].content.decode()
+    assert "4.4.7" in bounce and "451 4.3.0" in bounce
+
+
+def test_queue_full_is_452_and_nothing_is_lost(start, down_upstream):
+    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_MAX_MESSAGES="2",
+                  **FAST_RETRIES)
+    assert QUEUED.match(send(relay, "first"))
+    assert QUEUED.match(send(relay, "second"))
+    with relay.client() as client:
+        reply = try_message(client, message("third"))
+    assert reply.startswith("452 4.3.1"), reply
+    down_upstream.start()
+    wait_until(lambda: len(down_upstream.messages) == 2, what="both delivered")
+    assert sorted(subjects(down_upstream)) == ["first", "second"]
+
+
+def test_queue_mode_refuses_what_policy_refuses(start, upstream):
+    relay = start(upstream, DELIVERY_MODE="queue")
+    with relay.client() as client:
+        code, _ = client.mail("x@elsewhere.test")
+        assert code == 553
+    with relay.client(login=False) as client:
+        code, _ = client.mail(SENDER)
+        assert code == 530
+    with relay.client() as client:
+        client.mail(SENDER)
+        code, _ = client.rcpt("someone@elsewhere.test")
+        assert code == 550
+
+
+def test_store_that_cannot_be_opened_stops_start_up(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env = relay_env(tmp_path, None, DELIVERY_MODE="queue",
+                    QUEUE_URL=f"sqlite:///{blocker}/queue.db")
+    result = subprocess.run([sys.executable, str(SMTP_RELAY)], env=env, cwd=tmp_path,
+                            check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "QUEUE_URL" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_durations_stop_start_up(tmp_path):
+    env = relay_env(tmp_path, None, QUEUE_RETRY_MIN="soon")
+    result = subprocess.run([sys.executable, str(SMTP_RELAY)], env=env, cwd=tmp_path,
+                            check=False,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "QUEUE_RETRY_MIN" in result.stderr and "duration" in result.stderr
+
+
+# --- fallback mode --------------------------------------------------------------------------
+
+def test_fallback_is_sync_while_the_upstream_answers(start, upstream):
+    relay = start(upstream, DELIVERY_MODE="fallback")
+    reply = send(relay, "direct")
+    assert reply.startswith("250 2.0.0 Ok: queued as UP1"), reply
+    assert " (smtp-relay id " in reply
+    upstream.handler.rcpt_replies[RECIPIENT] = "550 5.1.1 No such user here"
+    with relay.client() as client:
+        assert try_message(client, message("refused")).startswith("550 5.1.1")
+    assert "queued id=" not in relay.log()
+
+
+def test_fallback_queues_when_the_upstream_is_down(start, down_upstream):
+    relay = start(down_upstream, DELIVERY_MODE="fallback", **FAST_RETRIES)
+    reply = send(relay, "while down")
+    assert QUEUED.match(reply), reply
+    relay.wait_for_log("upstream-unavailable")
+    down_upstream.start()
+    wait_until(lambda: subjects(down_upstream) == ["while down"], what="delivery")
+
+
+def test_fallback_queues_only_the_recipients_the_upstream_defers(start, upstream):
+    other = "dev@example.com"
+    upstream.handler.rcpt_replies[other] = "450 4.2.0 Mailbox busy, try later"
+    relay = start(upstream, DELIVERY_MODE="fallback", **FAST_RETRIES)
+    reply = send(relay, "split", (RECIPIENT, other))
+    assert reply.startswith("250 2.0.0 Ok: queued as UP1"), reply
+    assert re.search(r"; queued as [0-9a-f]{16} for 1 recipient", reply), reply
+    assert upstream.messages[0].rcpt_tos == [RECIPIENT]
+    del upstream.handler.rcpt_replies[other]
+    wait_until(lambda: len(upstream.messages) == 2, what="the deferred recipient")
+    assert upstream.messages[1].rcpt_tos == [other]
+
+
+def test_fallback_queues_when_the_upstream_defers_the_data(start, upstream):
+    upstream.handler.data_reply = "451 4.3.0 Temporary local problem"
+    relay = start(upstream, DELIVERY_MODE="fallback", **FAST_RETRIES)
+    reply = send(relay, "data deferred")
+    assert QUEUED.match(reply), reply
+    upstream.handler.data_reply = None
+    wait_until(lambda: subjects(upstream) == ["data deferred"], what="delivery")
+
+
+def test_fallback_passes_an_upstream_5xx_to_the_data_on(start, upstream):
+    upstream.handler.data_reply = "554 5.7.1 Message rejected as spam"
+    relay = start(upstream, DELIVERY_MODE="fallback")
+    with relay.client() as client:
+        assert try_message(client, message("spam")).startswith("554 5.7.1")
+    assert "queued id=" not in relay.log()
+
+
+# --- crash safety ---------------------------------------------------------------------------
+
+def _load(relay, acknowledged: list[str], stop: threading.Event) -> None:
+    """Send messages until told to stop or the relay dies; remember each 250."""
+    number = 0
+    while not stop.is_set():
+        number += 1
+        subject = f"load {number}"
+        try:
+            with relay.client(timeout=5) as client:
+                if try_message(client, message(subject)).startswith("250"):
+                    acknowledged.append(subject)
+        except OSError:
+            return  # killed
+
+
+@pytest.mark.parametrize("mode", ["queue", "fallback", "sync"])
+def test_kill_9_loses_no_acknowledged_message(start_relay, tmp_path, mode):
+    handler = UpstreamHandler()
+    handler.stall["DATA"] = 0.05  # deliveries in flight when the kill comes
+    upstream = Upstream(handler=handler)
+    try:
+        queue_url = f"sqlite:///{tmp_path / 'shared-spool' / 'queue.db'}"
+        settings = {"DELIVERY_MODE": mode, "QUEUE_URL": queue_url, **FAST_RETRIES}
+        if mode == "fallback":  # half the load finds the upstream deferring
+            handler.rcpt_replies[RECIPIENT] = "451 4.3.0 Later"
+        relay = start_relay(upstream, **settings)
+        acknowledged: list[str] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=_load, args=(relay, acknowledged, stop))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(acknowledged) >= 20, what="some load")
+        relay.process.send_signal(signal.SIGKILL)
+        relay.process.wait()
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        handler.rcpt_replies.clear()
+        handler.stall.clear()
+        start_relay(upstream, **settings)  # the same store: picks up where it stopped
+        wanted = set(acknowledged)
+        wait_until(lambda: wanted <= set(subjects(upstream)), timeout=30,
+                   what=f"every acknowledged message ({len(wanted)})")
+    finally:
+        upstream.stop()
+
+
+# --- operating it -----------------------------------------------------------------------------
+
+def test_readyz_in_queue_mode_means_can_store(start, down_upstream):
+    port = free_port()
+    relay = start(down_upstream, DELIVERY_MODE="queue", HTTP_PORT=str(port),
+                  HTTP_HOST="127.0.0.1")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as answer:
+        text = answer.read().decode()
+        assert answer.status == 200
+    assert "upstream" in text and "not ready" in text  # its state, on its own line
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        metrics = answer.read().decode()
+    assert "smtp_relay_upstream_up 0.0" in metrics
+    assert relay.process.poll() is None
+
+
+def test_queue_cli_lists_and_retries(start, down_upstream):
+    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_RETRY_MIN="1h",
+                  QUEUE_RETRY_MAX="1h")
+    queue_id = QUEUED.match(send(relay, "via the cli")).group(1)
+    relay.wait_for_log(f"deferred id={queue_id}")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SMTP_RELAY), "queue", *args], check=False,
+                              env=relay.env, cwd=relay.workdir, capture_output=True,
+                              text=True, timeout=30)
+
+    listing = cli("list", "--status", "deferred")
+    assert listing.returncode == 0, listing.stderr
+    assert queue_id in listing.stdout
+    down_upstream.start()
+    assert cli("retry", queue_id).returncode == 0
+    wait_until(lambda: subjects(down_upstream) == ["via the cli"], what="the retry")
+    assert cli("show", "0123456789abcdef").returncode == 1
+
+
+def test_archive_in_sync_mode_records_deliveries(start, upstream):
+    relay = start(upstream, ARCHIVE="metadata")
+    reply = send(relay, "archived")
+    queue_id = re.search(r"smtp-relay id ([0-9a-f]{16})", reply).group(1)
+    result = subprocess.run([sys.executable, str(SMTP_RELAY), "queue", "show", queue_id],
+                            check=False,
+                            env=relay.env, cwd=relay.workdir, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "delivered" in result.stdout
+
+
+def test_unreachable_postgresql_stops_start_up_without_its_password(tmp_path):
+    env = relay_env(tmp_path, None, DELIVERY_MODE="queue",
+                    QUEUE_URL=f"postgresql://relay:hunter2secret@127.0.0.1:{free_port()}/q")
+    result = subprocess.run([sys.executable, str(SMTP_RELAY)], env=env, cwd=tmp_path,
+                            check=False,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "QUEUE_URL" in result.stderr and "hunter2secret" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -52,8 +52,6 @@ RESULT_STATUSES = ("delivered", "deferred", "failed")
 # temporary failure (the recipient is queued as deferred, due at once).
 OUTCOME_STATUSES = ("queued", "deferred", "delivered", "failed")
 
-SCHEMA_VERSION = 1
-
 
 class StoreError(Exception):
     """The store cannot do what was asked: the message names the problem (and the
@@ -192,6 +190,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX attempts_message ON attempts (message_id)",
     ),
 )
+SCHEMA_VERSION = len(MIGRATIONS)  # recorded in schema_version
 
 # A recipient a worker may take: due, or held by a worker whose lease ran out (it died
 # or hung). Parameters: now, now.

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import builtins
+import functools
 import json
 import queue
 import shutil
@@ -36,7 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from relay.settings import redact_url
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from relay.settings import redact_url, url_secrets
 
 STATUSES = ("queued", "deferred", "delivering", "delivered", "failed", "held")
 FINAL = ("delivered", "failed")
@@ -46,8 +51,6 @@ RESULT_STATUSES = ("delivered", "deferred", "failed")
 # What NewMessage.outcomes may say: sync mode's final outcomes, or fallback mode's
 # temporary failure (the recipient is queued as deferred, due at once).
 OUTCOME_STATUSES = ("queued", "deferred", "delivered", "failed")
-
-SCHEMA_VERSION = 1
 
 
 class StoreError(Exception):
@@ -187,6 +190,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX attempts_message ON attempts (message_id)",
     ),
 )
+SCHEMA_VERSION = len(MIGRATIONS)  # recorded in schema_version
 
 # A recipient a worker may take: due, or held by a worker whose lease ran out (it died
 # or hung). Parameters: now, now.
@@ -275,6 +279,8 @@ class Store(ABC):
         scheme, separator, _ = url.partition("://")
         if separator and scheme.lower() == "sqlite":
             return SQLiteStore(url, archive=archive)
+        if separator and scheme.lower() in ("postgresql", "postgres"):
+            return PostgresStore(url, archive=archive)
         # Without a scheme it may not be a URL at all (a password pasted in the wrong
         # place): then it is not repeated.
         shown = f" {redact_url(url)}" if separator else ""
@@ -462,8 +468,8 @@ class Store(ABC):
         """Shutdown: this worker's delivering recipients go back to their previous
         due state (status queued or deferred, as before claim)."""
         with self.transaction(write=True) as tx:
-            self._lock_messages(tx, "id IN (SELECT message_id FROM recipients WHERE locked_by = ?)",
-                       (worker,))
+            self._lock_messages(
+                tx, "id IN (SELECT message_id FROM recipients WHERE locked_by = ?)", (worker,))
             tx.run("UPDATE recipients SET status = COALESCE(prior_status, 'queued'),"
                    " locked_by = NULL, locked_until = NULL, prior_status = NULL, updated = ?"
                    " WHERE locked_by = ? AND status = 'delivering'", (time.time(), worker))
@@ -575,8 +581,8 @@ class Store(ABC):
             params = (message_id,)
         now = time.time()
         with self.transaction(write=True) as tx:
-            self._lock_messages(tx, f"id IN (SELECT message_id FROM recipients WHERE {waiting})",
-                       params)
+            self._lock_messages(
+                tx, f"id IN (SELECT message_id FROM recipients WHERE {waiting})", params)
             return tx.run("UPDATE recipients SET next_attempt = ?, updated = ?"
                           f" WHERE {waiting}", (now, now, *params))
 
@@ -785,6 +791,118 @@ class SQLiteStore(Store):
             return shutil.disk_usage(self.path.parent).free
         except OSError:
             return None
+
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def postgres_sql(sql: str) -> str:
+    """The shared SQL in psycopg's placeholder style. A literal % would have to be
+    written %% there: the shared SQL has none, and must not start to."""
+    if "%" in sql:
+        raise ValueError(f"shared SQL must not contain %: {sql}")
+    return sql.replace("?", "%s")
+
+
+PostgresConnection = psycopg.Connection[tuple[Any, ...]]
+
+
+class PostgresTransaction(Transaction):
+    def __init__(self, cursor: psycopg.Cursor[tuple[Any, ...]]) -> None:
+        self.cursor = cursor
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self.cursor.execute(postgres_sql(sql), params)
+        return self.cursor.fetchall()
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self.cursor.execute(postgres_sql(sql), params)
+        return self.cursor.rowcount
+
+    def run_many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self.cursor.executemany(postgres_sql(sql), params)
+
+
+class PostgresStore(Store):
+    """The queue in a PostgreSQL database that several relays share. A pool of
+    connections serves the relay's threads. Two relays never hold one recipient at
+    once: the claim locks the messages it takes (FOR UPDATE SKIP LOCKED: another
+    relay's claim passes them by) and its UPDATE asks again whether each recipient is
+    due, seeing what the other relay committed meanwhile."""
+
+    DDL_TYPES: ClassVar[dict[str, str]] = {
+        "real": "DOUBLE PRECISION", "blob": "BYTEA", "bool": "BOOLEAN",
+        "serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"}
+    LOCK_ROWS = " FOR UPDATE"
+    LOCK_ROWS_SKIP = " FOR UPDATE OF m SKIP LOCKED"
+    POOL_SIZE = 10                    # workers + SMTP commits + API, at once
+    CONNECT_TIMEOUT = 10              # seconds, unless the URL says connect_timeout
+    POOL_TIMEOUT = 30.0               # seconds a caller waits for a free connection
+    MIGRATION_LOCK = 0x736D74702D72   # pg_advisory_xact_lock key: "smtp-r"
+
+    def __init__(self, url: str, *, archive: str = "off") -> None:
+        super().__init__(url, archive)
+        self._secrets = url_secrets(url)
+        try:
+            options = conninfo_to_dict(url)
+        except psycopg.Error as error:
+            raise StoreError(f"queue URL {self.url}: {self._scrub(error)}") from None
+        # autocommit: transaction() opens each transaction itself (connection.transaction).
+        settings: dict[str, Any] = {"autocommit": True, "application_name": "smtp-relay"}
+        if "connect_timeout" not in options:
+            settings["connect_timeout"] = self.CONNECT_TIMEOUT
+        try:
+            # One connection first: the pool would only say that it timed out, this says
+            # why (refused, no such database, authentication failed).
+            psycopg.connect(url, **settings).close()
+        except psycopg.Error as error:
+            raise StoreError(f"cannot connect to the queue {self.url}:"
+                             f" {self._scrub(error)}") from None
+        # check: a connection the server dropped (a restart) is replaced when it is
+        # taken from the pool, instead of failing the caller's transaction.
+        self._pool: ConnectionPool[PostgresConnection] = ConnectionPool(
+            url, kwargs=settings, min_size=1, max_size=self.POOL_SIZE,
+            timeout=self.POOL_TIMEOUT, check=ConnectionPool.check_connection,
+            name="smtp-relay-queue", open=False)
+        try:
+            self._pool.open(wait=True, timeout=self.POOL_TIMEOUT)
+            self.migrate()
+        except psycopg.Error as error:
+            self._pool.close()
+            raise StoreError(f"cannot open the queue {self.url}:"
+                             f" {self._scrub(error)}") from None
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _scrub(self, error: BaseException) -> str:
+        """The error's text on one line (libpq adds hint lines), without the URL's
+        password (libpq may quote a malformed connection string back)."""
+        text = " ".join(str(error).split())
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def migration_lock(self, tx: Transaction) -> None:
+        tx.rows(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
+
+    @contextmanager
+    def transaction(self, *, write: bool) -> Iterator[Transaction]:
+        # READ COMMITTED for both kinds: the writes that must not race take row locks.
+        try:
+            with self._pool.connection() as connection, connection.transaction(), \
+                    connection.cursor() as cursor:
+                yield PostgresTransaction(cursor)
+        except psycopg.Error as error:
+            if self._pool.closed:
+                raise StoreError(f"queue {self.url} is closed") from None
+            raise StoreError(f"queue {self.url}: {self._scrub(error)}") from None
 
 
 # ---------------------------------------------------------------------------------------

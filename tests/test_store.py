@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from postgres_server import PostgresServer, free_port, skip_or_fail_without_postgres
+from postgres_server import postgres_server as start_postgres
 
 from relay.store import (
     FINAL,
@@ -75,21 +77,19 @@ def deliver_all(store: Store, message_id: str, now: float, status: str = "delive
 # ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[object]:
-    from postgres_server import postgres_server as start
-    from postgres_server import skip_or_fail_without_postgres
+def postgres_server() -> Iterator[PostgresServer]:
     skip_or_fail_without_postgres()
-    with start() as server:
+    with start_postgres() as server:
         yield server
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty database of the backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/spool/queue.db"
-    server = request.getfixturevalue("postgres_server")
-    return server.create_database()  # type: ignore[attr-defined, no-any-return]
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()
 
 
 @pytest.fixture
@@ -428,8 +428,8 @@ def test_release_claims_restores_the_prior_state(open_store: Callable[..., Store
         recipients=("b@example.com",))
     store.add([fresh, retried])
     store.claim("w1", T0, LEASE, 2)
-    store.record("w1", retried.id, [result("b@example.com", "deferred", T0, next_attempt=T0 + 5)],
-                 T0)
+    store.record("w1", retried.id,
+                 [result("b@example.com", "deferred", T0, next_attempt=T0 + 5)], T0)
     assert len(store.claim("w1", T0 + 10, LEASE, 2)) == 1  # the deferred one, claimed again
     # Let fresh's first lease run out: w2 takes it over, then w1 gives up its own.
     assert [c.id for c in other.claim("w2", T0 + LEASE + 1, LEASE, 2)] == [fresh.id]
@@ -748,3 +748,79 @@ def test_open_errors_name_the_problem_without_the_password(tmp_path: Path) -> No
 def test_constants_and_sqlite_version() -> None:
     assert set(FINAL) < set(STATUSES)
     assert sqlite3.sqlite_version_info >= (3, 35)  # the claim's UPDATE ... RETURNING
+
+
+# ---------------------------------------------------------------------------------------
+# PostgreSQL only
+# ---------------------------------------------------------------------------------------
+
+def test_postgresql_errors_never_show_the_password(postgres_server: PostgresServer
+                                                   ) -> None:
+    password = postgres_server.password
+    nobody_listens = f"postgresql://relay:{password}@127.0.0.1:{free_port()}/relay"
+    wrong_password = postgres_server.url().replace(password, "wrong-" + password[::-1])
+    no_database = postgres_server.url("no_such_database")
+    server = f"127.0.0.1:{postgres_server.port}"
+    # libpq quotes a malformed connection string back: here the password itself.
+    bad_escape = f"postgresql://relay:{password}%zz@{server}/relay"
+    in_query = f"postgresql://{server}/relay?user=relay&password={password}&sslmode=bogus"
+    for url in (nobody_listens, wrong_password, no_database, bad_escape, in_query):
+        with pytest.raises(StoreError) as error:
+            Store.open(url)
+        text = str(error.value)
+        assert "\n" not in text  # one log line
+        assert password not in text and password[::-1] not in text, text
+        assert "127.0.0.1" in text
+    with pytest.raises(StoreError, match="Connection refused|connection failed"):
+        Store.open(nobody_listens)
+
+
+def test_postgresql_claim_skips_a_locked_message(postgres_server: PostgresServer) -> None:
+    """While one relay holds a message's row lock (its claim not yet committed),
+    another relay's claim passes it by at once instead of waiting."""
+    url = postgres_server.create_database()
+    holder, other = Store.open(url), Store.open(url)
+    try:
+        locked, free = new_message(received=T0), new_message(received=T0 + 1)
+        holder.add([locked, free])
+        claimed: list[list[str]] = []
+        with holder.transaction(write=True) as tx:
+            tx.rows("SELECT id FROM messages WHERE id = ? FOR UPDATE", (locked.id,))
+            thread = threading.Thread(target=lambda: claimed.append(
+                [c.id for c in other.claim("w2", T0 + 5, LEASE, 10)]))
+            thread.start()
+            thread.join(60)
+            assert not thread.is_alive()  # it did not wait for the lock
+        assert claimed == [[free.id]]
+        assert [c.id for c in holder.claim("w1", T0 + 5, LEASE, 10)] == [locked.id]
+    finally:
+        holder.close()
+        other.close()
+
+
+def test_postgresql_store_survives_dropped_connections(postgres_server: PostgresServer) -> None:
+    """A server restart (here: its backends terminated) costs no failed call."""
+    import psycopg
+
+    url = postgres_server.create_database()
+    store = Store.open(url)
+    try:
+        store.add([new_message()])
+        with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE application_name = 'smtp-relay' AND pid <> pg_backend_pid()")
+        assert store.stats(T0)["messages"] == 1
+    finally:
+        store.close()
+
+
+def test_without_postgres_binaries_skip_or_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    import postgres_server as helper
+
+    monkeypatch.setattr(helper, "postgres_bin", lambda: None)
+    monkeypatch.delenv("REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not found"):
+        skip_or_fail_without_postgres()
+    monkeypatch.setenv("REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="REQUIRE_POSTGRES"):
+        skip_or_fail_without_postgres()

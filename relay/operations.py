@@ -184,8 +184,10 @@ class HTTPEndpoint:
     async def _read_line(self, reader: asyncio.StreamReader) -> str:
         try:
             line = await reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            raise BadRequest(f"a line longer than {self.MAX_LINE} bytes") from None
+        except asyncio.LimitOverrunError:  # the reader's limit stops a long line early
+            line = b""
+        if not line or len(line) > self.MAX_LINE:  # ... and this is the exact bound
+            raise BadRequest(f"a line longer than {self.MAX_LINE} bytes")
         return line.decode("latin-1").removesuffix("\n").removesuffix("\r")
 
     async def _route(self, request: HTTPRequest) -> tuple[int, dict[str, str], bytes]:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from relay.observability import log_event
 from relay.policy import one_line
-from relay.store import STATUSES, MessageRecord, Store, StoreError
+from relay.store import STATUSES, MessageRecord, RecipientState, Store, StoreError
 
 # A queue id as the relay makes them is 16 lowercase hex characters; anything outside
 # this shape is answered "unknown" before the store is asked (no odd input reaches SQL,
@@ -78,6 +78,12 @@ def summary_status(record: MessageRecord) -> str:
     return "unknown"  # no recipients (or a status newer than this code): say so
 
 
+def _next_attempt(recipient: RecipientState) -> float | None:
+    # A held recipient keeps its old due time in the store (for nothing: release makes
+    # it due now); no attempt is coming, so none is shown.
+    return None if recipient.status == "held" else recipient.next_attempt
+
+
 def message_json(record: MessageRecord, *, with_attempts: bool = False) -> dict[str, Any]:
     message: dict[str, Any] = {
         "id": record.id,
@@ -94,8 +100,8 @@ def message_json(record: MessageRecord, *, with_attempts: bool = False) -> dict[
             "address": recipient.address,
             "status": recipient.status,
             "attempts": recipient.attempts,
-            "next_attempt": iso_time(recipient.next_attempt),
-            "next_attempt_ts": recipient.next_attempt,
+            "next_attempt": iso_time(_next_attempt(recipient)),
+            "next_attempt_ts": _next_attempt(recipient),
             "last_reply": recipient.last_reply,
             "updated": iso_time(recipient.updated),
             "updated_ts": recipient.updated,
@@ -451,7 +457,10 @@ class QueueAPI:
 
     async def _list(self, query: str) -> Response:
         filters = _list_filters(query)
-        records, cursor = await asyncio.to_thread(self.store.list, **filters)
+        try:
+            records, cursor = await asyncio.to_thread(self.store.list, **filters)
+        except ValueError:  # what the store refuses that we did not check: the cursor
+            raise ApiError(400, "cursor is not one this API gave") from None
         return self._json(200, {"messages": [message_json(r) for r in records],
                                 "next_cursor": cursor})
 

@@ -364,6 +364,9 @@ def test_list_stats_and_show_over_http(api_port: int) -> None:
     assert [m["id"] for m in listing["messages"]] == [HELD, BOUNCE, MIXED]
     assert listing["next_cursor"] is None
     assert [m["status"] for m in listing["messages"]] == ["held", "queued", "deferred"]
+    held, queued, _ = listing["messages"]
+    assert {r["next_attempt"] for r in held["recipients"]} == {None}  # none is coming
+    assert queued["recipients"][0]["next_attempt_ts"] == pytest.approx(T0 - 200)
 
     message = call_json(api_port, "GET", f"/api/v1/messages/{MIXED}")
     assert message["status"] == "deferred" and len(message["attempts"]) == 2
@@ -421,6 +424,7 @@ def test_list_filters_and_pages_with_the_cursor(store: Store, api_port: int) -> 
 @pytest.mark.parametrize("query", [
     "limit=0", "limit=1001", "limit=ten", "limit=-1", "status=lost", "since=yesterday",
     "until=nan", "colour=blue", "status=queued&status=held", "since=1&&",
+    "cursor=not-a-cursor", "x=%ff",
 ])
 def test_bad_list_parameters_are_400(api_port: int, query: str) -> None:
     answer = call_json(api_port, "GET", f"/api/v1/messages?{query}", expect=400)

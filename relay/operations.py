@@ -176,7 +176,7 @@ class HTTPEndpoint:
         length = headers.get("content-length", "0").strip()
         if not length.isascii() or not length.isdigit():
             raise BadRequest("a malformed Content-Length")
-        if int(length) > self.MAX_BODY:
+        if len(length) > 9 or int(length) > self.MAX_BODY:  # (int() of 5000 digits fails)
             raise BadRequest("the request body is too large", 413)
         await reader.readexactly(int(length))
         return HTTPRequest(method, target, headers)

@@ -1,10 +1,13 @@
-"""Operating the relay: the HTTP endpoint (/healthz, /readyz, /metrics), `check` (the
-upstream settings tried step by step), `demo` and `hash-password`.
+"""Operating the relay: the HTTP endpoint (/healthz, /readyz, /metrics, and the queue API
+of relay.admin under /api/), `check` (the upstream settings tried step by step), `demo`
+and `hash-password`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http
 import smtplib
 import socket
 import ssl
@@ -33,6 +36,7 @@ from relay.upstream import (
 from relay.users import BCRYPT_MAX_PASSWORD, load_users
 
 if TYPE_CHECKING:
+    from relay.admin import QueueAPI
     from relay.settings import Config
     from relay.upstream import UpstreamPool
     from smtp_relay import SMTPRelayServer
@@ -71,14 +75,34 @@ class ReadinessProbe:
         return answer
 
 
+class BadRequest(Exception):
+    """A request HTTPEndpoint will not read further: answered 400 (or `status`)."""
+
+    def __init__(self, text: str, status: int = 400):
+        super().__init__(text)
+        self.status = status
+
+
+@dataclasses.dataclass
+class HTTPRequest:
+    method: str
+    target: str                  # path and query, as sent
+    headers: dict[str, str]      # lower-case names; values decoded as latin-1
+
+
 class HTTPEndpoint:
-    """/healthz, /readyz and /metrics on HTTP_HOST:HTTP_PORT. Three GET routes need no
-    web framework: a request line and headers are read, one response written."""
+    """/healthz, /readyz and /metrics on HTTP_HOST:HTTP_PORT, and the queue API under
+    /api/ when one is given. A few routes need no web framework: the request line and
+    header fields are read (bounded), one response written, the connection closed."""
 
-    MAX_REQUEST = 8192
+    MAX_LINE = 8192      # the request line and each header line
+    MAX_HEADERS = 64
+    MAX_BODY = 65536     # no route takes a body; a small one is read and ignored
+    REQUEST_SECONDS = 10  # to send the whole request
 
-    def __init__(self, relay: SMTPRelayServer):
+    def __init__(self, relay: SMTPRelayServer, api: QueueAPI | None = None):
         self.relay = relay
+        self.api = api
         self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool)
         self._server: asyncio.AbstractServer | None = None
 
@@ -87,7 +111,7 @@ class HTTPEndpoint:
         try:
             self._server = await asyncio.start_server(
                 self._serve, config.http_host, config.http_port, reuse_address=True,
-                limit=self.MAX_REQUEST)
+                limit=self.MAX_LINE)
         except OSError as error:
             raise cannot_listen("HTTP_HOST/HTTP_PORT", config.http_host,
                                 config.http_port or 0, error) from None
@@ -103,40 +127,106 @@ class HTTPEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        method = ""
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, path = (request.split(b"\r\n", 1)[0].decode("latin-1")
-                            .split(" ") + ["", ""])[:2]
-            status, content_type, body = await self._respond(method, path.split("?")[0])
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+            try:
+                async with asyncio.timeout(self.REQUEST_SECONDS):
+                    request = await self._read_request(reader)
+                method = request.method
+                status, headers, body = await self._route(request)
+            except BadRequest as error:
+                status, headers = error.status, {"Content-Type": PLAIN_TEXT}
+                body = f"bad request: {error}\n".encode()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             writer.close()
             return
-        head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-        writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
+        head = [f"HTTP/1.1 {status} {http_reason(status)}"]
+        # Content-Length and Connection are ours; no CR or LF ever starts a new line.
+        head += [f"{name}: {value}" for name, value in headers.items()
+                 if name.lower() not in ("content-length", "connection")
+                 and not any(c in name + value for c in "\r\n")]
+        head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+        writer.write("\r\n".join(head).encode("latin-1")
+                     + (body if method != "HEAD" else b""))
         try:
             await writer.drain()
         except ConnectionError:
             pass
         writer.close()
 
-    async def _respond(self, method: str, path: str) -> tuple[str, str, bytes]:
-        text = "text/plain; charset=utf-8"
+    async def _read_request(self, reader: asyncio.StreamReader) -> HTTPRequest:
+        """The request line, at most MAX_HEADERS header fields of at most MAX_LINE
+        bytes each, and a body of at most MAX_BODY bytes (read to be dropped: no route
+        takes one, and closing with it unread could reset the connection before the
+        client reads our answer)."""
+        method, target = ((await self._read_line(reader)).split(" ") + ["", ""])[:2]
+        headers: dict[str, str] = {}
+        count = 0
+        while line := await self._read_line(reader):
+            count += 1
+            if count > self.MAX_HEADERS:
+                raise BadRequest(f"more than {self.MAX_HEADERS} header fields")
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():  # also obsolete folding
+                raise BadRequest("a malformed header field")
+            name, value = name.lower(), value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if "transfer-encoding" in headers:
+            raise BadRequest("a request body needs a Content-Length")
+        length = headers.get("content-length", "0").strip()
+        if not length.isascii() or not length.isdigit():
+            raise BadRequest("a malformed Content-Length")
+        if len(length) > 9 or int(length) > self.MAX_BODY:  # (int() of 5000 digits fails)
+            raise BadRequest("the request body is too large", 413)
+        await reader.readexactly(int(length))
+        return HTTPRequest(method, target, headers)
+
+    async def _read_line(self, reader: asyncio.StreamReader) -> str:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:  # the reader's limit stops a long line early
+            line = b""
+        if not line or len(line) > self.MAX_LINE:  # ... and this is the exact bound
+            raise BadRequest(f"a line longer than {self.MAX_LINE} bytes")
+        return line.decode("latin-1").removesuffix("\n").removesuffix("\r")
+
+    async def _route(self, request: HTTPRequest) -> tuple[int, dict[str, str], bytes]:
+        path = request.target.split("?")[0]
+        if self.api is not None and (path == "/api" or path.startswith("/api/")):
+            return await self.api.respond(request.method, request.target,
+                                          request.headers)
+        status, content_type, body = await self._respond(request.method, path)
+        headers = {"Content-Type": content_type}
+        if status == 405:
+            headers["Allow"] = "GET, HEAD"
+        return status, headers, body
+
+    async def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+        text = PLAIN_TEXT
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", text, b"GET only\n"
+            return 405, text, b"GET only\n"
         if path == "/healthz":
             if self.relay.serving:
-                return "200 OK", text, b"ok: the SMTP listener accepts connections\n"
-            return "503 Service Unavailable", text, b"the SMTP listener is down\n"
+                return 200, text, b"ok: the SMTP listener accepts connections\n"
+            return 503, text, b"the SMTP listener is down\n"
         if path == "/readyz":
             ready, detail = await self.readiness.check()
-            status = "200 OK" if ready else "503 Service Unavailable"
-            return status, text, (detail + "\n").encode()
+            return 200 if ready else 503, text, (detail + "\n").encode()
         if path == "/metrics":
-            return ("200 OK", prometheus_client.CONTENT_TYPE_LATEST,
+            return (200, prometheus_client.CONTENT_TYPE_LATEST,
                     prometheus_client.generate_latest(self.relay.metrics.registry))
-        return "404 Not Found", text, b"try /healthz, /readyz or /metrics\n"
+        return 404, text, b"try /healthz, /readyz or /metrics\n"
+
+
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+
+def http_reason(status: int) -> str:
+    """The reason phrase of a status line: "Not Found" for 404."""
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 Serve = Callable[..., Awaitable[int]]

@@ -54,7 +54,6 @@ from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
 )
-from relay.store import Store, StoreError
 
 from relay import replies
 from relay.admin import QueueAPI, queue_command
@@ -109,6 +108,7 @@ from relay.settings import (
     load_config,
     redact_url,
 )
+from relay.store import Store, StoreError
 from relay.upstream import Forwarder, UpstreamError
 from relay.users import (
     AuthGuard,
@@ -443,7 +443,8 @@ class SMTPRelayHandler:
             else:
                 kind = replies.QUEUED if upstream is None else replies.QUEUED_PARTLY
                 reply = self.metrics.record(kind, session, **fields, id=message.id,
-                                            upstream=upstream, count=len(recipients))
+                                            upstream=(upstream or "")[4:],
+                                            count=len(recipients))
         session.message_id = None
         return reply
 

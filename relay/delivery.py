@@ -133,7 +133,8 @@ class Queue:
         self.metrics = metrics
         self.committer = GroupCommit(store)
         # Who we are in the store's locks: unique per process, across replicas.
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{new_message_id()[:8]}"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.name = f"{self.host}:{self.pid}:{new_message_id()[:8]}"
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.usage = store.usage()  # refreshed by housekeeping and each commit
@@ -153,6 +154,17 @@ class Queue:
             return "disk nearly full, QUEUE_MIN_FREE_BYTES"
         return None
 
+    async def can_store(self) -> tuple[bool, str]:
+        """For /readyz: the store answers and has room for a message."""
+        try:
+            self.usage = await asyncio.to_thread(self.store.usage)
+        except StoreError as error:
+            return False, f"queue store not ready: {error}"
+        full = self.room(0)
+        if full is not None:
+            return False, f"queue full: {full}"
+        return True, f"queue accepts: {self.usage.messages} messages waiting"
+
     async def commit(self, message: NewMessage) -> None:
         """Durably stored when this returns (StoreError if not): only then a 250."""
         await self.committer.add(message)
@@ -169,9 +181,32 @@ class Queue:
         """The workers (`deliver`: not for sync mode, whose store is only the archive)
         and the housekeeping."""
         if deliver:
+            self.release_stale_claims()
             for number in range(self.config.queue_workers):
                 self._tasks.append(asyncio.create_task(self._work(f"{self.name}/{number}")))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    def release_stale_claims(self) -> None:
+        """Claims an earlier run of this relay left when it was killed: ours to take
+        back now, not after their lease. A holder is that when it ran on this host
+        and its process is gone, or had our pid (a container restarted: pid 1 again).
+        Other hosts' claims wait for their lease (the other relay may be alive)."""
+        try:
+            holders = self.store.holders()
+        except StoreError as error:
+            log_event(logging.ERROR, "queue-error", reason=str(error))
+            return
+        for holder in holders:
+            host, _, rest = holder.partition(":")
+            pid_text, _, _ = rest.partition(":")
+            if host != self.host or not pid_text.isdigit() or holder.startswith(self.name):
+                continue
+            pid = int(pid_text)
+            if pid != self.pid and _alive(pid):
+                continue
+            with contextlib.suppress(StoreError):
+                self.store.release_claims(holder)
+                log_event(logging.WARNING, "claims-recovered", holder=holder)
 
     async def stop(self) -> None:
         """Stop taking work; deliveries in progress get TIMEOUT to finish, then this
@@ -226,7 +261,8 @@ class Queue:
             code, text = outcomes[recipient.address]
             reply = f"{code} {text}" if code else text
             attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
-            fields = {"id": claim.id, "from": claim.sender, "to": recipient.address,
+            fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
+                                      "to": recipient.address,
                       "attempts": recipient.attempts + 1, "upstream": reply}
             if 200 <= code < 300:
                 results.append(Result(recipient.address, "delivered", reply, None, attempt))
@@ -262,6 +298,7 @@ class Queue:
             connection = await self.pool.acquire()
         except UpstreamError as error:
             self.upstream_ok = False
+            self.metrics.upstream_up.set(0)
             return {r: (0, error.reply) for r in recipients}
         try:
             outcomes, reusable = await self.pool.run(transact, connection, sender,
@@ -275,6 +312,7 @@ class Queue:
         else:
             self.pool.discard(connection)
         self.upstream_ok = any(code for code, _ in outcomes.values())
+        self.metrics.upstream_up.set(1 if self.upstream_ok else 0)
         return outcomes
 
     async def _renew(self, worker: str, message_id: str) -> None:
@@ -292,7 +330,8 @@ class Queue:
         crash in between can only mean a second bounce, never none."""
         to = bounce_wanted(claim.sender, self.config.bounce_to)
         if to is None or is_bounce(claim.body):  # never bounce a bounce (RFC 3834)
-            log_event(logging.INFO, "not-bounced", id=claim.id, **{"from": claim.sender},
+            sender: dict[str, Any] = {"from": claim.sender}
+            log_event(logging.INFO, "not-bounced", id=claim.id, **sender,
                       to=[f.address for f in failed])
             return
         bounce = NewMessage(
@@ -323,6 +362,16 @@ class Queue:
             except StoreError as error:
                 log_event(logging.ERROR, "queue-error", reason=str(error))
             await asyncio.sleep(self.HOUSEKEEPING_SECONDS)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def queue_message(message_id: str, user: str | None, peer: str, sender: str,

@@ -211,7 +211,15 @@ class HTTPEndpoint:
             return 503, text, b"the SMTP listener is down\n"
         if path == "/readyz":
             ready, detail = await self.readiness.check()
-            return 200 if ready else 503, text, (detail + "\n").encode()
+            self.relay.metrics.upstream_up.set(1 if ready else 0)
+            queue = self.relay.queue
+            if queue is None or self.relay.config.delivery_mode == "sync":
+                return 200 if ready else 503, text, (detail + "\n").encode()
+            # Queue and fallback modes: ready means "can accept and store"; the
+            # upstream's state is the second line, and smtp_relay_upstream_up.
+            storing, why = await queue.can_store()
+            return (200 if storing else 503, text,
+                    f"{why}\n{detail}\n".encode())
         if path == "/metrics":
             return (200, prometheus_client.CONTENT_TYPE_LATEST,
                     prometheus_client.generate_latest(self.relay.metrics.registry))

@@ -123,7 +123,7 @@ NO_8BITMIME = Reply(554, "5.6.3", "The upstream does not support 8BITMIME and th
 SENDER_OK = Reply(250, "2.1.0", "Sender OK", "sender-accepted", level=logging.DEBUG)
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK", "recipient-accepted", level=logging.DEBUG)
 QUEUED = Reply(250, "2.0.0", "Queued as {id}", "queued", level=logging.INFO)
-QUEUED_PARTLY = Reply(250, "2.0.0", "{upstream}; queued as {id} for {count} recipient(s)",
+QUEUED_PARTLY = Reply(250, "", "{upstream}; queued as {id} for {count} recipient(s)",
                       "queued", level=logging.INFO)
 QUEUE_FULL = Reply(452, "4.3.1", "Queue full, try again later", "queue-full", "queue_full")
 QUEUE_FAILED = Reply(451, "4.3.0", "Cannot store the message now, try again later",

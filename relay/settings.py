@@ -428,9 +428,9 @@ class Config:
         "QUEUE_LEASE_SECONDS", Number(5, 3600), 30.0,
         "a claimed delivery returns to the queue if its relay is silent this long")
     queue_retry_min: float = setting(
-        "QUEUE_RETRY_MIN", Duration(1), 60.0,
+        "QUEUE_RETRY_MIN", Duration(0.1), 60.0,
         "first retry after a temporary failure (then doubling, with jitter)")
-    queue_retry_max: float = setting("QUEUE_RETRY_MAX", Duration(1), 3600.0,
+    queue_retry_max: float = setting("QUEUE_RETRY_MAX", Duration(0.1), 3600.0,
                                      "longest wait between two tries")
     queue_max_age: float = setting("QUEUE_MAX_AGE", Duration(1), 432000.0,
                                    "give up (and bounce) after this long in the queue")

@@ -474,6 +474,13 @@ class Store(ABC):
                    " locked_by = NULL, locked_until = NULL, prior_status = NULL, updated = ?"
                    " WHERE locked_by = ? AND status = 'delivering'", (time.time(), worker))
 
+    def holders(self) -> list[str]:
+        """The workers holding claims now (see Queue.release_stale_claims)."""
+        with self.transaction(write=False) as tx:
+            return [row[0] for row in tx.rows(
+                "SELECT DISTINCT locked_by FROM recipients"
+                " WHERE status = 'delivering' AND locked_by IS NOT NULL")]
+
     def _lock_messages(self, tx: Transaction, where: str, params: Sequence[Any]) -> list[str]:
         """The ids of the messages matching `where`, locked for this transaction on
         PostgreSQL (see LOCK_ROWS)."""

@@ -119,7 +119,8 @@ def test_compose_prepares_the_log_dir_before_the_relay_starts() -> None:
     assert "entrypoint" not in prepare and prepare["restart"] == "no"
     assert prepare["build"] == relay["build"]
     log_mount = next(v for v in relay["volumes"] if v.endswith(":/var/log/smtp-relay"))
-    assert prepare["volumes"] == [log_mount]
+    spool_mount = next(v for v in relay["volumes"] if v.endswith(":/var/spool/smtp-relay"))
+    assert prepare["volumes"] == [log_mount, spool_mount]  # what the relay writes to
     assert prepare["environment"]["LOG_FILE"] == relay["environment"]["LOG_FILE"]
     assert relay["depends_on"]["prepare-dirs"] == {
         "condition": "service_completed_successfully"}

@@ -1097,6 +1097,10 @@ EXPECTED_FAMILIES = {
     "smtp_relay_messages_rejected", "smtp_relay_recipients", "smtp_relay_bytes",
     "smtp_relay_upstream_delivery_seconds", "smtp_relay_upstream_sessions_open",
     "smtp_relay_upstream_sessions_opened", "smtp_relay_upstream_sessions_reused",
+    # Issue #10: the queue.
+    "smtp_relay_queue_committed", "smtp_relay_queue_attempts", "smtp_relay_queue_bounces",
+    "smtp_relay_queue_recipients", "smtp_relay_queue_oldest_age_seconds",
+    "smtp_relay_upstream_up",
 }
 
 

@@ -15,6 +15,7 @@ yet (a crash in between) is tried again by whoever claims it next.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -135,8 +136,12 @@ class Queue:
         # Who we are in the store's locks: unique per process, across replicas.
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = f"{self.host}:{self.pid}:{new_message_id()[:8]}"
-        self._wake = asyncio.Event()
+        # Idle workers, each waiting for a new message: a commit wakes one of them (all
+        # of them racing for one message would cost a claim transaction each).
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._stopping = False  # stop(): workers finish what they hold, take no more
         self._tasks: list[asyncio.Task[None]] = []
+        self._housekeeper: asyncio.Task[None] | None = None
         self.usage = store.usage()  # refreshed by housekeeping and each commit
         self.upstream_ok: bool | None = None  # how the last delivery attempt went
 
@@ -173,7 +178,7 @@ class Queue:
         if self.usage.free_bytes is not None:
             self.usage.free_bytes -= len(message.body)
         self.metrics.queue_committed.inc()
-        self._wake.set()
+        self._wake_one()
 
     # --- the workers ---------------------------------------------------------------------
 
@@ -184,7 +189,8 @@ class Queue:
             self.release_stale_claims()
             for number in range(self.config.queue_workers):
                 self._tasks.append(asyncio.create_task(self._work(f"{self.name}/{number}")))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._housekeeper = asyncio.create_task(self._housekeeping())
+        self._tasks.append(self._housekeeper)
 
     def release_stale_claims(self) -> None:
         """Claims an earlier run of this relay left when it was killed: ours to take
@@ -208,13 +214,25 @@ class Queue:
                 self.store.release_claims(holder)
                 log_event(logging.WARNING, "claims-recovered", holder=holder)
 
+    def stopping(self) -> bool:
+        """stop() has begun (set from another task: a method, so that type checkers
+        do not take it for a constant inside the workers' loops)."""
+        return self._stopping
+
     async def stop(self) -> None:
-        """Stop taking work; deliveries in progress get TIMEOUT to finish, then this
-        process's claims go back to the queue for the next start (or replica)."""
+        """Stop taking work; deliveries in progress get TIMEOUT to finish (a cut one
+        could be delivered twice), then this process's claims go back to the queue
+        for the next start (or replica)."""
+        self._stopping = True
+        while self._idle:  # idle workers leave now
+            self._wake_one()
+        workers = [task for task in self._tasks if task is not self._housekeeper]
+        if workers:
+            await asyncio.wait(workers, timeout=self.config.timeout)
         for task in self._tasks:
             task.cancel()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.config.timeout)
+            await asyncio.wait(self._tasks, timeout=5)
         for number in range(self.config.queue_workers):
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self.store.release_claims,
@@ -223,7 +241,7 @@ class Queue:
         await asyncio.to_thread(self.store.close)
 
     async def _work(self, worker: str) -> None:
-        while True:
+        while not self.stopping():
             try:
                 claims = await asyncio.to_thread(
                     self.store.claim, worker, time.time(),
@@ -232,9 +250,9 @@ class Queue:
                 log_event(logging.ERROR, "queue-error", reason=str(error))
                 claims = []
             if not claims:
-                self._wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.POLL_SECONDS)
+                if self.stopping():
+                    return
+                await self._idle_until_woken()
                 continue
             for claim in claims:
                 try:
@@ -245,6 +263,26 @@ class Queue:
                     raise
                 except Exception:  # noqa: BLE001 (a bug must not stop the worker)
                     log.exception("unexpected error delivering %s", claim.id)
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _idle_until_woken(self) -> None:
+        """Until a commit wakes this worker, or POLL_SECONDS pass (retries come due,
+        and other relays' commits, which nothing here hears of)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.POLL_SECONDS)
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self._idle:
+                self._idle.remove(waiter)
 
     async def _deliver(self, worker: str, claim: Claim) -> None:
         addresses = [recipient.address for recipient in claim.recipients]

@@ -362,3 +362,51 @@ def test_unreachable_postgresql_stops_start_up_without_its_password(tmp_path):
     assert result.returncode == 2
     assert "QUEUE_URL" in result.stderr and "hunter2secret" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_sigterm_lets_a_queued_delivery_finish(start, upstream):
+    upstream.handler.stall["DATA"] = 1.5
+    relay = start(upstream, DELIVERY_MODE="queue")
+    queue_id = QUEUED.match(send(relay, "finish me")).group(1)
+    wait_until(lambda: upstream.handler.sessions, what="the delivery to begin")
+    time.sleep(0.3)
+    assert relay.stop(signal.SIGTERM) == 0
+    assert f"delivered id={queue_id}" in relay.log()
+    assert subjects(upstream) == ["finish me"]
+
+
+def test_the_relay_serves_the_queue_api_with_its_tokens(start, down_upstream):
+    import json
+    import urllib.error
+
+    port = free_port()
+    relay = start(down_upstream, DELIVERY_MODE="queue", HTTP_HOST="127.0.0.1",
+                  HTTP_PORT=str(port), API_TOKEN="admin-token-123",
+                  API_READ_TOKEN="read-token-456", QUEUE_RETRY_MIN="1h",
+                  QUEUE_RETRY_MAX="1h")
+    queue_id = QUEUED.match(send(relay, "over the api")).group(1)
+    relay.wait_for_log(f"deferred id={queue_id}")
+    base = f"http://127.0.0.1:{port}/api/v1"
+
+    def call(path: str, token: str | None, method: str = "GET"):
+        request = urllib.request.Request(base + path, method=method)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    assert call("/messages", None)[0] == 401
+    assert call("/messages", "wrong")[0] == 401
+    status, body = call("/messages?status=deferred", "read-token-456")
+    assert status == 200
+    assert [m["id"] for m in json.loads(body)["messages"]] == [queue_id]
+    assert call(f"/messages/{queue_id}/raw", "read-token-456")[0] == 403
+    status, raw = call(f"/messages/{queue_id}/raw", "admin-token-123")
+    assert status == 200 and b"Subject: over the api" in raw
+    down_upstream.start()
+    assert call(f"/messages/{queue_id}/retry", "admin-token-123", "POST")[0] == 200
+    wait_until(lambda: subjects(down_upstream) == ["over the api"], what="the retry")
+    assert "admin-token-123" not in relay.log() and "read-token-456" not in relay.log()

@@ -35,6 +35,7 @@ from relay.store import (
     Claim,
     GroupCommit,
     NewMessage,
+    RecipientState,
     Result,
     Store,
     StoreError,
@@ -136,10 +137,16 @@ class Queue:
         # Who we are in the store's locks: unique per process, across replicas.
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = f"{self.host}:{self.pid}:{new_message_id()[:8]}"
-        # Idle workers, each waiting for a new message: a commit wakes one of them (all
-        # of them racing for one message would cost a claim transaction each).
-        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Idle workers (name, waiting for a message): a commit hands its message to
+        # one of them (all of them racing for it would cost a claim transaction each).
+        self._idle: collections.deque[tuple[str, asyncio.Future[Claim | None]]] = \
+            collections.deque()
         self._stopping = False  # stop(): workers finish what they hold, take no more
+        # Commits that went to the store with no worker to hand them to (counted by
+        # commit): a worker looks in the store when this moved since it last looked.
+        # After a handed-over message it does not, which saves a claim transaction.
+        self._stored_unhanded = 0
+        self._seen_unhanded = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._housekeeper: asyncio.Task[None] | None = None
         self.usage = store.usage()  # refreshed by housekeeping and each commit
@@ -171,14 +178,36 @@ class Queue:
         return True, f"queue accepts: {self.usage.messages} messages waiting"
 
     async def commit(self, message: NewMessage) -> None:
-        """Durably stored when this returns (StoreError if not): only then a 250."""
-        await self.committer.add(message)
+        """Durably stored when this returns (StoreError if not): only then a 250.
+
+        With a worker idle, the message is stored already claimed by it (under the
+        usual lease) and handed over in memory: no claim transaction, no reading the
+        body back. A crash before the delivery leaves a claim that the next start
+        (or, on another host, the lease's end) gives back to the queue."""
+        worker, waiter = self._reserve_idle() if not message.outcomes else (None, None)
+        if worker is not None:
+            message.claimed_by = worker
+            message.locked_until = time.time() + self.config.queue_lease_seconds
+        try:
+            await self.committer.add(message)
+        except BaseException:
+            if waiter is not None:
+                waiter.set_result(None)  # back to claiming from the store
+            raise
         self.usage.messages += 1
         self.usage.bytes += len(message.body)
         if self.usage.free_bytes is not None:
             self.usage.free_bytes -= len(message.body)
         self.metrics.queue_committed.inc()
-        self._wake_one()
+        if waiter is None:
+            self._stored_unhanded += 1
+        else:
+            now = time.time()
+            waiter.set_result(Claim(
+                id=message.id, received=message.received, sender=message.sender,
+                body=message.body, recipients=[
+                    RecipientState(address, "delivering", 0, None, None, now)
+                    for address in dict.fromkeys(message.recipients)]))
 
     # --- the workers ---------------------------------------------------------------------
 
@@ -241,19 +270,28 @@ class Queue:
         await asyncio.to_thread(self.store.close)
 
     async def _work(self, worker: str) -> None:
+        look = True  # in the store: at start, after a wait, and while it has work
         while not self.stopping():
-            try:
-                claims = await asyncio.to_thread(
-                    self.store.claim, worker, time.time(),
-                    self.config.queue_lease_seconds, 1)
-            except StoreError as error:
-                log_event(logging.ERROR, "queue-error", reason=str(error))
-                claims = []
+            claims: list[Claim] = []
+            if look or self._stored_unhanded != self._seen_unhanded:
+                self._seen_unhanded = self._stored_unhanded
+                try:
+                    claims = await asyncio.to_thread(
+                        self.store.claim, worker, time.time(),
+                        self.config.queue_lease_seconds, 1)
+                except StoreError as error:
+                    log_event(logging.ERROR, "queue-error", reason=str(error))
+            look = bool(claims)
             if not claims:
                 if self.stopping():
                     return
-                await self._idle_until_woken()
-                continue
+                # Nothing due that anyone told us of: wait for a commit to hand a
+                # message over, or POLL_SECONDS (retries come due; other relays).
+                handed = await self._idle_until_handed(worker)
+                if handed is None:
+                    look = True
+                    continue
+                claims = [handed]
             for claim in claims:
                 try:
                     await self._deliver(worker, claim)
@@ -264,25 +302,34 @@ class Queue:
                 except Exception:  # noqa: BLE001 (a bug must not stop the worker)
                     log.exception("unexpected error delivering %s", claim.id)
 
-    def _wake_one(self) -> None:
+    def _reserve_idle(self) -> tuple[str | None, asyncio.Future[Claim | None] | None]:
+        """An idle worker for a message about to be committed, taken off the idle
+        list (it waits for the message however long the commit takes)."""
         while self._idle:
-            waiter = self._idle.popleft()
+            worker, waiter = self._idle.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                return worker, waiter
+        return None, None
 
-    async def _idle_until_woken(self) -> None:
-        """Until a commit wakes this worker, or POLL_SECONDS pass (retries come due,
-        and other relays' commits, which nothing here hears of)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._idle.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, self.POLL_SECONDS)
-        except TimeoutError:
-            pass
-        finally:
-            if waiter in self._idle:
-                self._idle.remove(waiter)
+    def _wake_one(self) -> None:
+        """An idle worker leaves its wait with nothing (stop)."""
+        _, waiter = self._reserve_idle()
+        if waiter is not None:
+            waiter.set_result(None)
+
+    async def _idle_until_handed(self, worker: str) -> Claim | None:
+        """A message a commit hands over, or None after POLL_SECONDS (retries come
+        due, and other relays' commits, which nothing here hears of)."""
+        waiter: asyncio.Future[Claim | None] = asyncio.get_running_loop().create_future()
+        entry = (worker, waiter)
+        self._idle.append(entry)
+        done, _ = await asyncio.wait({waiter}, timeout=self.POLL_SECONDS)
+        if done:
+            return waiter.result()
+        if entry in self._idle:  # nobody picked this worker
+            self._idle.remove(entry)
+            return None
+        return await waiter  # a commit has picked it and is still committing
 
     async def _deliver(self, worker: str, claim: Claim) -> None:
         addresses = [recipient.address for recipient in claim.recipients]
@@ -328,7 +375,7 @@ class Queue:
                           next_attempt_s=round(delay, 1))
         if failed:
             await self._bounce(claim, failed, now)
-        await asyncio.to_thread(self.store.record, worker, claim.id, results, now)
+        await self.committer.record(worker, claim.id, results, now)
 
     async def _attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
         """Each recipient's reply from one try through the pool."""

@@ -75,6 +75,10 @@ class NewMessage:
     # For the archive of sync-mode deliveries: recipients already final.
     # address -> (status, reply); absent = "queued".
     outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Claimed as it is stored: a worker of this relay delivers it next, with no
+    # claim transaction (and no reading the body back). Its lease as for claim().
+    claimed_by: str | None = None
+    locked_until: float | None = None
 
 
 @dataclass
@@ -205,6 +209,14 @@ RECIPIENT_COLUMNS = "address, status, attempts, next_attempt, last_reply, update
 CHUNK = 500
 
 
+def check_results(results: Sequence[Result]) -> None:
+    """ValueError for a result no worker can mean (before any transaction)."""
+    for result in results:
+        if result.status not in RESULT_STATUSES:
+            raise ValueError(f"result {result.status!r} for {result.address!r} is not"
+                             f" one of {', '.join(RESULT_STATUSES)}")
+
+
 def marks(count: int) -> str:
     """`?, ?, ?` for an IN list of `count` values."""
     return ", ".join("?" * count)
@@ -292,9 +304,14 @@ class Store(ABC):
         """Closes the connection(s); the store cannot be used afterwards."""
 
     @abstractmethod
-    def transaction(self, *, write: bool) -> AbstractContextManager[Transaction]:
+    def transaction(self, *, write: bool, durable: bool = True
+                    ) -> AbstractContextManager[Transaction]:
         """One transaction, committed when the block ends, rolled back if it raises.
-        Database errors come out as StoreError."""
+        Database errors come out as StoreError. `durable=False`: the commit may be
+        lost to a power failure (never to a crash of the relay), which costs no
+        fsync: for the workers' bookkeeping (claims, leases, outcomes), where a lost
+        commit only means a message delivered once more (at least once). A new
+        message is always committed durably."""
 
     def free_bytes(self) -> int | None:
         """Free space where the store lives, if it is on this machine."""
@@ -337,9 +354,10 @@ class Store(ABC):
         now = time.time()
         with self.transaction(write=True) as tx:
             for message in messages:
-                self._insert(tx, message, now)
+                self.insert_in(tx, message, now)
 
-    def _insert(self, tx: Transaction, message: NewMessage, now: float) -> None:
+    def insert_in(self, tx: Transaction, message: NewMessage, now: float) -> None:
+        """add()'s work for one message, inside a transaction of the caller's."""
         rows = []
         # A repeated RCPT TO is one recipient (the primary key is message + address).
         for address in dict.fromkeys(message.recipients):
@@ -349,7 +367,12 @@ class Store(ABC):
                                  f" {', '.join(OUTCOME_STATUSES)}")
             tried = 0 if status == "queued" else 1
             next_attempt = None if status in FINAL else message.received
-            rows.append((message.id, address, status, tried, next_attempt, reply, now))
+            claimed = status == "queued" and message.claimed_by is not None
+            rows.append((message.id, address, "delivering" if claimed else status, tried,
+                         next_attempt, reply, now,
+                         message.claimed_by if claimed else None,
+                         message.locked_until if claimed else None,
+                         "queued" if claimed else None))
         done = all(row[2] in FINAL for row in rows)
         if done and self.archive == "off":
             return  # delivered already and nothing is archived: nothing to keep
@@ -359,7 +382,8 @@ class Store(ABC):
                (message.id, message.received, message.user, message.peer, message.sender,
                 len(message.body), body, message.trace_id, now if done else None))
         tx.run_many("INSERT INTO recipients (message_id, address, status, attempts,"
-                    " next_attempt, last_reply, updated) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    " next_attempt, last_reply, updated, locked_by, locked_until,"
+                    " prior_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def usage(self) -> Usage:
         with self.transaction(write=False) as tx:
@@ -378,11 +402,16 @@ class Store(ABC):
         same recipient while a lease holds. Oldest next_attempt first."""
         if limit < 1:
             return []
-        with self.transaction(write=True) as tx:
-            ids = [row[0] for row in tx.rows(
-                "SELECT m.id FROM messages m JOIN (SELECT message_id, MIN(next_attempt) AS due"
-                f" FROM recipients WHERE {DUE} GROUP BY message_id) d ON d.message_id = m.id"
-                f" ORDER BY d.due, m.id LIMIT ?{self.LOCK_ROWS_SKIP}", (now, now, limit))]
+        with self.transaction(write=True, durable=False) as tx:
+            candidates = self._due_messages(tx, now, limit)
+            if not candidates:
+                return []
+            # PostgreSQL: the candidates other relays are claiming right now are
+            # skipped (locked in id order, as every writer here locks).
+            free = {row[0] for row in tx.rows(
+                f"SELECT m.id FROM messages m WHERE m.id IN ({marks(len(candidates))})"
+                f" ORDER BY m.id{self.LOCK_ROWS_SKIP}", candidates)}
+            ids = [message_id for message_id in candidates if message_id in free][:limit]
             if not ids:
                 return []
             # The UPDATE asks DUE again: on PostgreSQL it sees what another relay
@@ -409,9 +438,33 @@ class Store(ABC):
                                     body=bytes(body or b""), recipients=recipients))
         return claims
 
+    # Candidates per claim beyond `limit`: on PostgreSQL other relays may hold the
+    # oldest ones (SKIP LOCKED passes them over).
+    CLAIM_CANDIDATES = 16
+
+    def _due_messages(self, tx: Transaction, now: float, limit: int) -> list[str]:
+        """Ids of messages with due recipients, oldest due first: up to `limit` plus
+        CLAIM_CANDIDATES. Each status is its own range of the (status, next_attempt)
+        index, read in order, so a claim costs the same with ten messages queued or a
+        hundred thousand."""
+        wanted = limit + self.CLAIM_CANDIDATES
+        due: list[tuple[float, str]] = []
+        for status in ("queued", "deferred"):
+            due += tx.rows("SELECT next_attempt, message_id FROM recipients"
+                           " WHERE status = ? AND next_attempt <= ?"
+                           " ORDER BY next_attempt LIMIT ?", (status, now, wanted))
+        # A dead worker's claims (the lease ran out); few: one per worker at most.
+        due += tx.rows("SELECT locked_until, message_id FROM recipients"
+                       " WHERE status = 'delivering' AND locked_until < ?"
+                       " ORDER BY locked_until LIMIT ?", (now, wanted))
+        ids: dict[str, None] = {}
+        for _, message_id in sorted(due):
+            ids.setdefault(message_id)
+        return list(ids)[:wanted]
+
     def renew(self, worker: str, message_id: str, until: float) -> None:
         """Extends this worker's lease on the message's recipients it holds."""
-        with self.transaction(write=True) as tx:
+        with self.transaction(write=True, durable=False) as tx:
             self._lock_messages(tx, "id = ?", (message_id,))
             tx.run("UPDATE recipients SET locked_until = ? WHERE message_id = ?"
                    " AND status = 'delivering' AND locked_by = ?", (until, message_id, worker))
@@ -424,30 +477,50 @@ class Store(ABC):
         message is done (done_at = now) and the archive rule applies:
         off -> message, recipients, attempts deleted; metadata -> body dropped (size
         kept); full -> kept."""
-        for result in results:
-            if result.status not in RESULT_STATUSES:
-                raise ValueError(f"result {result.status!r} for {result.address!r} is not"
-                                 f" one of {', '.join(RESULT_STATUSES)}")
-        with self.transaction(write=True) as tx:
-            if not self._lock_messages(tx, "id = ?", (message_id,)):
-                return  # deleted meanwhile (by an operator): nothing left to record
-            tx.run_many(
-                "UPDATE recipients SET status = ?, last_reply = ?, next_attempt = ?,"
-                " attempts = attempts + 1, locked_by = NULL, locked_until = NULL,"
-                " prior_status = NULL, updated = ? WHERE message_id = ? AND address = ?"
-                " AND status = 'delivering' AND locked_by = ?",
-                [(result.status, result.reply,
-                  (now if result.next_attempt is None else result.next_attempt)
-                  if result.status == "deferred" else None,
-                  now, message_id, result.address, worker) for result in results])
-            # The attempt is history even when the lease was lost: it happened upstream.
-            tx.run_many(
-                "INSERT INTO attempts (message_id, recipient, time, upstream, reply,"
-                " duration, tls) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(message_id, result.address, result.attempt.time, result.attempt.upstream,
-                  result.attempt.reply, result.attempt.duration, result.attempt.tls)
-                 for result in results])
-            self._finish_if_done(tx, message_id, now)
+        check_results(results)
+        with self.transaction(write=True, durable=False) as tx:
+            self.record_in(tx, worker, message_id, results, now)
+
+    def record_in(self, tx: Transaction, worker: str, message_id: str,
+                  results: Sequence[Result], now: float) -> None:
+        """record()'s work inside a transaction of the caller's (GroupCommit)."""
+        if not self._lock_messages(tx, "id = ?", (message_id,)):
+            return  # deleted meanwhile (by an operator): nothing left to record
+        if self._forget_if_all_done(tx, worker, message_id, results):
+            return
+        tx.run_many(
+            "UPDATE recipients SET status = ?, last_reply = ?, next_attempt = ?,"
+            " attempts = attempts + 1, locked_by = NULL, locked_until = NULL,"
+            " prior_status = NULL, updated = ? WHERE message_id = ? AND address = ?"
+            " AND status = 'delivering' AND locked_by = ?",
+            [(result.status, result.reply,
+              (now if result.next_attempt is None else result.next_attempt)
+              if result.status == "deferred" else None,
+              now, message_id, result.address, worker) for result in results])
+        # The attempt is history even when the lease was lost: it happened upstream.
+        tx.run_many(
+            "INSERT INTO attempts (message_id, recipient, time, upstream, reply,"
+            " duration, tls) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(message_id, result.address, result.attempt.time, result.attempt.upstream,
+              result.attempt.reply, result.attempt.duration, result.attempt.tls)
+             for result in results])
+        self._finish_if_done(tx, message_id, now)
+
+    def _forget_if_all_done(self, tx: Transaction, worker: str, message_id: str,
+                            results: Sequence[Result]) -> bool:
+        """The common case with ARCHIVE off: these results end the message (every
+        recipient is final, and all were this worker's). Nothing is kept, so one
+        DELETE does what updating the rows and then deleting them would."""
+        if self.archive != "off" or any(r.status not in FINAL for r in results):
+            return False
+        addresses = {result.address for result in results}
+        rows = tx.rows("SELECT address, status, locked_by FROM recipients"
+                       " WHERE message_id = ?", (message_id,))
+        if not all(address in addresses and status == "delivering" and holder == worker
+                   for address, status, holder in rows):
+            return False
+        tx.run("DELETE FROM messages WHERE id = ?", (message_id,))
+        return True
 
     def _finish_if_done(self, tx: Transaction, message_id: str, now: float) -> None:
         """The archive rule, once no recipient of the message is left to deliver."""
@@ -467,7 +540,7 @@ class Store(ABC):
     def release_claims(self, worker: str) -> None:
         """Shutdown: this worker's delivering recipients go back to their previous
         due state (status queued or deferred, as before claim)."""
-        with self.transaction(write=True) as tx:
+        with self.transaction(write=True, durable=False) as tx:
             self._lock_messages(
                 tx, "id IN (SELECT message_id FROM recipients WHERE locked_by = ?)", (worker,))
             tx.run("UPDATE recipients SET status = COALESCE(prior_status, 'queued'),"
@@ -712,6 +785,7 @@ class SQLiteStore(Store):
         super().__init__(url, archive)
         self.path = self._path(url)
         self._mutex = threading.Lock()
+        self._durable = True  # the connection's synchronous setting: FULL
         self._connection: sqlite3.Connection | None = self._connect()
         try:
             self.migrate()
@@ -765,12 +839,18 @@ class SQLiteStore(Store):
                 self._connection = None
 
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Transaction]:
+    def transaction(self, *, write: bool, durable: bool = True) -> Iterator[Transaction]:
         with self._mutex:
             if self._connection is None:
                 raise StoreError(f"queue {self.url} is closed")
             cursor = self._connection.cursor()
             try:
+                # WAL: FULL syncs the log at each commit; NORMAL only at checkpoints
+                # (the database stays consistent either way, and a later FULL commit
+                # syncs what came before it).
+                if write and durable != self._durable:
+                    cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    self._durable = durable
                 # IMMEDIATE: take the write lock at BEGIN, so a write transaction never
                 # fails half-way because another process wrote first. A read's BEGIN
                 # gives its statements one snapshot.
@@ -900,11 +980,13 @@ class PostgresStore(Store):
         tx.rows(f"SELECT pg_advisory_xact_lock({self.MIGRATION_LOCK})")
 
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Transaction]:
+    def transaction(self, *, write: bool, durable: bool = True) -> Iterator[Transaction]:
         # READ COMMITTED for both kinds: the writes that must not race take row locks.
         try:
             with self._pool.connection() as connection, connection.transaction(), \
                     connection.cursor() as cursor:
+                if write and not durable:  # this transaction only: no WAL flush wait
+                    cursor.execute("SET LOCAL synchronous_commit = off")
                 yield PostgresTransaction(cursor)
         except psycopg.Error as error:
             if self._pool.closed:
@@ -918,10 +1000,11 @@ class PostgresStore(Store):
 
 @dataclass
 class _Waiting:
-    """One add() call waiting for its commit."""
-    message: NewMessage
+    """One add() or record() call waiting for its commit."""
+    message: NewMessage | None  # add()
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    record: tuple[str, str, Sequence[Result], float] | None = None  # record()'s arguments
 
 
 def _settle(future: asyncio.Future[None], error: StoreError | None) -> None:
@@ -934,10 +1017,10 @@ def _settle(future: asyncio.Future[None], error: StoreError | None) -> None:
 
 
 class GroupCommit:
-    """Many sessions' add() calls share one transaction: a writer thread takes all
-    waiting messages, calls store.add(batch) once, then wakes each caller. No caller
-    returns before its message is committed; a failed batch raises StoreError in
-    every caller of that batch.
+    """Many sessions' add() calls, and the workers' record() calls, share one
+    transaction: a writer thread takes everything waiting, writes it in one
+    transaction, then wakes each caller. No caller returns before its message is
+    committed; a failed batch raises StoreError in every caller of that batch.
 
     One commit costs an fsync (SQLite) or a round trip (PostgreSQL) whatever its size:
     while one batch commits, the next gathers. close() commits what is waiting, then
@@ -955,12 +1038,23 @@ class GroupCommit:
         self._writer.start()
 
     async def add(self, message: NewMessage) -> None:
+        await self._submit(message, None)
+
+    async def record(self, worker: str, message_id: str, results: Sequence[Result],
+                     now: float) -> None:
+        """Store.record, in the next batch's transaction: a worker's outcome costs
+        no transaction of its own (and, beside new messages, no fsync of its own)."""
+        check_results(results)
+        await self._submit(None, (worker, message_id, results, now))
+
+    async def _submit(self, message: NewMessage | None,
+                      record: tuple[str, str, Sequence[Result], float] | None) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._closing:  # nothing is put after close()'s end marker
             if self._closed:
                 raise StoreError(f"queue {self.store.url} is closed")
-            self._waiting.put(_Waiting(message, loop, future))
+            self._waiting.put(_Waiting(message, loop, future, record))
         await future
 
     def close(self) -> None:
@@ -994,8 +1088,18 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Waiting]) -> None:
         failure: str | None = None
+        messages = [waiting.message for waiting in batch if waiting.message is not None]
+        # Outcomes in message-id order: every writer locks rows in that order.
+        records = sorted((waiting.record for waiting in batch if waiting.record is not None),
+                         key=lambda record: record[1])
         try:
-            self.store.add([waiting.message for waiting in batch])
+            # Durable when it holds a new message (an fsync); outcomes alone need not be.
+            with self.store.transaction(write=True, durable=bool(messages)) as tx:
+                now = time.time()
+                for message in messages:
+                    self.store.insert_in(tx, message, now)
+                for worker, message_id, results, recorded_at in records:
+                    self.store.record_in(tx, worker, message_id, results, recorded_at)
         except StoreError as error:
             failure = str(error)
         except Exception as error:  # noqa: BLE001 - every caller must hear of it

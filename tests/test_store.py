@@ -12,8 +12,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from postgres_server import PostgresServer, free_port, skip_or_fail_without_postgres
@@ -190,14 +192,14 @@ def test_add_all_final_is_archived_at_once(open_store: Callable[..., Store],
 
 
 def test_group_commit_many_concurrent_adds(store: Store) -> None:
-    batches: list[int] = []
-    add = store.add
+    per_transaction: dict[int, int] = {}
+    insert = store.insert_in
 
-    def counting_add(messages: Sequence[NewMessage]) -> None:
-        batches.append(len(messages))
-        add(messages)
+    def counting_insert(tx: Any, message: NewMessage, now: float) -> None:
+        per_transaction[id(tx)] = per_transaction.get(id(tx), 0) + 1
+        insert(tx, message, now)
 
-    store.add = counting_add  # type: ignore[method-assign]
+    store.insert_in = counting_insert  # type: ignore[method-assign]
     messages = [new_message() for _ in range(300)]
 
     async def main() -> None:
@@ -208,6 +210,7 @@ def test_group_commit_many_concurrent_adds(store: Store) -> None:
             group.close()
 
     asyncio.run(main())
+    batches = list(per_transaction.values())
     assert sum(batches) == 300
     assert max(batches) > 1  # they shared transactions
     page, _ = store.list(limit=1000)
@@ -218,15 +221,16 @@ def test_group_commit_failed_batch_fails_every_caller(store: Store) -> None:
     existing = new_message()
     store.add([existing])
     entered, gate = threading.Event(), threading.Event()
-    add = store.add
-
-    def gated_add(messages: Sequence[NewMessage]) -> None:
-        entered.set()
-        gate.wait(60)  # the first batch waits, so everything else makes the second
-        add(messages)
-
-    store.add = gated_add  # type: ignore[method-assign]
+    insert = store.insert_in
     first = new_message()
+
+    def gated_insert(tx: Any, message: NewMessage, now: float) -> None:
+        if message.id == first.id:
+            entered.set()
+            gate.wait(60)  # the first batch waits, so everything else makes the second
+        insert(tx, message, now)
+
+    store.insert_in = gated_insert  # type: ignore[method-assign]
     rest = [new_message() for _ in range(5)] + [new_message(message_id=existing.id)]
 
     async def main() -> list[BaseException | None]:
@@ -824,3 +828,25 @@ def test_without_postgres_binaries_skip_or_fail(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("REQUIRE_POSTGRES", "1")
     with pytest.raises(pytest.fail.Exception, match="REQUIRE_POSTGRES"):
         skip_or_fail_without_postgres()
+
+
+def test_group_commit_records_outcomes_in_the_batch_transaction(store: Store) -> None:
+    # A worker's outcome goes through the same writer as new messages: it is there
+    # when record() returns, and the message it ends is gone (ARCHIVE=off).
+    message = new_message()
+    store.add([message])
+    (claim,) = store.claim("worker-1", time.time(), 30, 1)
+
+    async def main() -> None:
+        group = GroupCommit(store)
+        try:
+            now = time.time()
+            await group.record("worker-1", claim.id, [Result(
+                recipient.address, "delivered", "250 ok", None,
+                Attempt(now, recipient.address, "up:25", "250 ok", 0.01, False))
+                for recipient in claim.recipients], now)
+        finally:
+            group.close()
+
+    asyncio.run(main())
+    assert store.show(message.id) is None

@@ -125,7 +125,7 @@ def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[s
 class Queue:
     """The queue as the relay uses it: commit, room, and the delivery workers."""
 
-    POLL_SECONDS = 1.0  # how often idle workers look for due recipients (others' too)
+    POLL_SECONDS = 1.0  # how often the dispatcher looks for due recipients (others' too)
     HOUSEKEEPING_SECONDS = 30.0  # archive retention, the depth gauges
 
     def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics):
@@ -137,17 +137,17 @@ class Queue:
         # Who we are in the store's locks: unique per process, across replicas.
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.name = f"{self.host}:{self.pid}:{new_message_id()[:8]}"
-        # Idle workers (name, waiting for a message): a commit hands its message to
-        # one of them (all of them racing for it would cost a claim transaction each).
-        self._idle: collections.deque[tuple[str, asyncio.Future[Claim | None]]] = \
-            collections.deque()
+        # Idle workers, each waiting for a message: a commit hands its own to one of
+        # them (no claim transaction), the dispatcher what it claims from the store.
+        self._idle: collections.deque[asyncio.Future[Claim | None]] = collections.deque()
+        # Due work may wait in the store (a commit found no idle worker): the
+        # dispatcher claims as soon as a worker is idle, not at its next poll.
+        self._backlog = asyncio.Event()
+        self._backlog.set()  # at start: whatever the last run left
+        self._dispatcher_wakeup = asyncio.Event()
+        self._stored_unhanded = 0  # commits that found no idle worker (see _dispatch)
         self._stopping = False  # stop(): workers finish what they hold, take no more
-        # Commits that went to the store with no worker to hand them to (counted by
-        # commit): a worker looks in the store when this moved since it last looked.
-        # After a handed-over message it does not, which saves a claim transaction.
-        self._stored_unhanded = 0
-        self._seen_unhanded = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self._workers: list[asyncio.Task[None]] = []  # and the dispatcher
         self._housekeeper: asyncio.Task[None] | None = None
         self.usage = store.usage()  # refreshed by housekeeping and each commit
         self.upstream_ok: bool | None = None  # how the last delivery attempt went
@@ -184,23 +184,24 @@ class Queue:
         usual lease) and handed over in memory: no claim transaction, no reading the
         body back. A crash before the delivery leaves a claim that the next start
         (or, on another host, the lease's end) gives back to the queue."""
-        worker, waiter = self._reserve_idle() if not message.outcomes else (None, None)
-        if worker is not None:
-            message.claimed_by = worker
+        waiter = self._idle.popleft() if self._idle and not message.outcomes else None
+        if waiter is not None:
+            message.claimed_by = self.name
             message.locked_until = time.time() + self.config.queue_lease_seconds
         try:
             await self.committer.add(message)
         except BaseException:
             if waiter is not None:
-                waiter.set_result(None)  # back to claiming from the store
+                self._idle.appendleft(waiter)  # still idle: nothing was stored
             raise
         self.usage.messages += 1
         self.usage.bytes += len(message.body)
         if self.usage.free_bytes is not None:
             self.usage.free_bytes -= len(message.body)
         self.metrics.queue_committed.inc()
-        if waiter is None:
+        if waiter is None:  # every worker busy: the dispatcher takes it from the store
             self._stored_unhanded += 1
+            self._backlog.set()
         else:
             now = time.time()
             waiter.set_result(Claim(
@@ -212,14 +213,14 @@ class Queue:
     # --- the workers ---------------------------------------------------------------------
 
     def start(self, *, deliver: bool = True) -> None:
-        """The workers (`deliver`: not for sync mode, whose store is only the archive)
-        and the housekeeping."""
+        """The workers and their dispatcher (`deliver`: not for sync mode, whose
+        store is only the archive), and the housekeeping."""
         if deliver:
             self.release_stale_claims()
-            for number in range(self.config.queue_workers):
-                self._tasks.append(asyncio.create_task(self._work(f"{self.name}/{number}")))
+            for _ in range(self.config.queue_workers):
+                self._workers.append(asyncio.create_task(self._work()))
+            self._workers.append(asyncio.create_task(self._dispatch()))
         self._housekeeper = asyncio.create_task(self._housekeeping())
-        self._tasks.append(self._housekeeper)
 
     def release_stale_claims(self) -> None:
         """Claims an earlier run of this relay left when it was killed: ours to take
@@ -234,7 +235,7 @@ class Queue:
         for holder in holders:
             host, _, rest = holder.partition(":")
             pid_text, _, _ = rest.partition(":")
-            if host != self.host or not pid_text.isdigit() or holder.startswith(self.name):
+            if host != self.host or not pid_text.isdigit() or holder == self.name:
                 continue
             pid = int(pid_text)
             if pid != self.pid and _alive(pid):
@@ -253,83 +254,75 @@ class Queue:
         could be delivered twice), then this process's claims go back to the queue
         for the next start (or replica)."""
         self._stopping = True
+        self._backlog.set()  # the dispatcher leaves
         while self._idle:  # idle workers leave now
-            self._wake_one()
-        workers = [task for task in self._tasks if task is not self._housekeeper]
-        if workers:
-            await asyncio.wait(workers, timeout=self.config.timeout)
-        for task in self._tasks:
+            self._idle.popleft().set_result(None)
+        if self._workers:
+            await asyncio.wait(self._workers, timeout=self.config.timeout)
+        tasks = [*self._workers, *([self._housekeeper] if self._housekeeper else [])]
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        for number in range(self.config.queue_workers):
-            with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.release_claims,
-                                        f"{self.name}/{number}")
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        with contextlib.suppress(StoreError):
+            await asyncio.to_thread(self.store.release_claims, self.name)
         self.committer.close()
         await asyncio.to_thread(self.store.close)
 
-    async def _work(self, worker: str) -> None:
-        look = True  # in the store: at start, after a wait, and while it has work
+    async def _work(self) -> None:
+        """One delivery at a time: a message handed over by a commit or by the
+        dispatcher, which hold the claim in this relay's name."""
         while not self.stopping():
-            claims: list[Claim] = []
-            if look or self._stored_unhanded != self._seen_unhanded:
-                self._seen_unhanded = self._stored_unhanded
+            waiter: asyncio.Future[Claim | None] = \
+                asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            if self._backlog.is_set():
+                self._dispatcher_wakeup.set()  # work waits in the store
+            claim = await waiter
+            if claim is None:
+                return
+            try:
+                await self._deliver(self.name, claim)
+            except StoreError as error:
+                log_event(logging.ERROR, "queue-error", id=claim.id, reason=str(error))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 (a bug must not stop the worker)
+                log.exception("unexpected error delivering %s", claim.id)
+
+    async def _dispatch(self) -> None:
+        """Claims due messages from the store for the idle workers, as many at once
+        as there are idle workers: when a commit found none idle (the backlog), and
+        every POLL_SECONDS (retries come due; other relays' commits, and the claims
+        of relays that died, which nothing here hears of)."""
+        while not self.stopping():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dispatcher_wakeup.wait(), self.POLL_SECONDS)
+            self._dispatcher_wakeup.clear()
+            while self._idle and not self.stopping():
+                # These workers wait for what this claim finds (a commit meanwhile
+                # hands its message to another, or finds none idle: the backlog).
+                reserved = [self._idle.popleft() for _ in range(len(self._idle))]
+                stored_before = self._stored_unhanded
                 try:
                     claims = await asyncio.to_thread(
-                        self.store.claim, worker, time.time(),
-                        self.config.queue_lease_seconds, 1)
+                        self.store.claim, self.name, time.time(),
+                        self.config.queue_lease_seconds, len(reserved))
                 except StoreError as error:
                     log_event(logging.ERROR, "queue-error", reason=str(error))
-            look = bool(claims)
-            if not claims:
-                if self.stopping():
-                    return
-                # Nothing due that anyone told us of: wait for a commit to hand a
-                # message over, or POLL_SECONDS (retries come due; other relays).
-                handed = await self._idle_until_handed(worker)
-                if handed is None:
-                    look = True
-                    continue
-                claims = [handed]
-            for claim in claims:
-                try:
-                    await self._deliver(worker, claim)
-                except StoreError as error:
-                    log_event(logging.ERROR, "queue-error", id=claim.id, reason=str(error))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 (a bug must not stop the worker)
-                    log.exception("unexpected error delivering %s", claim.id)
-
-    def _reserve_idle(self) -> tuple[str | None, asyncio.Future[Claim | None] | None]:
-        """An idle worker for a message about to be committed, taken off the idle
-        list (it waits for the message however long the commit takes)."""
-        while self._idle:
-            worker, waiter = self._idle.popleft()
-            if not waiter.done():
-                return worker, waiter
-        return None, None
-
-    def _wake_one(self) -> None:
-        """An idle worker leaves its wait with nothing (stop)."""
-        _, waiter = self._reserve_idle()
-        if waiter is not None:
-            waiter.set_result(None)
-
-    async def _idle_until_handed(self, worker: str) -> Claim | None:
-        """A message a commit hands over, or None after POLL_SECONDS (retries come
-        due, and other relays' commits, which nothing here hears of)."""
-        waiter: asyncio.Future[Claim | None] = asyncio.get_running_loop().create_future()
-        entry = (worker, waiter)
-        self._idle.append(entry)
-        done, _ = await asyncio.wait({waiter}, timeout=self.POLL_SECONDS)
-        if done:
-            return waiter.result()
-        if entry in self._idle:  # nobody picked this worker
-            self._idle.remove(entry)
-            return None
-        return await waiter  # a commit has picked it and is still committing
+                    claims = []
+                for waiter, claim in zip(reserved, claims, strict=False):
+                    waiter.set_result(claim)
+                unused = reserved[len(claims):]
+                if self.stopping():  # stop() let the other idle workers go already
+                    for waiter in unused:
+                        waiter.set_result(None)
+                    break
+                self._idle.extendleft(reversed(unused))  # idle again, first in line
+                if unused:
+                    if self._stored_unhanded == stored_before:
+                        self._backlog.clear()  # nothing more due in the store now
+                    break
 
     async def _deliver(self, worker: str, claim: Claim) -> None:
         addresses = [recipient.address for recipient in claim.recipients]

@@ -422,8 +422,10 @@ class Config:
         "QUEUE_URL", URL(), "sqlite:///spool/queue.db",
         "the queue's store: sqlite:///relative.db, sqlite:////absolute.db or "
         "postgresql://user:password@host/db")
-    queue_workers: int = setting("QUEUE_WORKERS", Integer(1, 256), 4,
-                                 "queued deliveries running at once")
+    queue_workers: int = setting(
+        "QUEUE_WORKERS", Integer(1, 1000), 50,
+        "queued deliveries running at once: upstream sessions, as many as MAX_CONNECTIONS "
+        "clients use in sync mode")
     queue_lease_seconds: float = setting(
         "QUEUE_LEASE_SECONDS", Number(5, 3600), 30.0,
         "a claimed delivery returns to the queue if its relay is silent this long")

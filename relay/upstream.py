@@ -502,9 +502,11 @@ class Forwarder:
     def __init__(self, config: Config, metrics: Metrics):
         self.config = config
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            # One worker per client that can be waiting on the upstream, plus room for
-            # background RSET/QUIT: asyncio's default pool has min(32, cores + 4).
-            max_workers=config.max_connections + 4, thread_name_prefix="upstream")
+            # One worker per client that can be waiting on the upstream and per queue
+            # worker (DELIVERY_MODE queue/fallback), plus room for background
+            # RSET/QUIT: asyncio's default pool has min(32, cores + 4).
+            max_workers=config.max_connections + config.queue_workers + 4,
+            thread_name_prefix="upstream")
         self.pool = UpstreamPool(config, self.executor, metrics)
         self.calls = UpstreamCalls(config.max_connections + 4)
         self.orphans: set[asyncio.Future] = set()  # deliveries whose client left

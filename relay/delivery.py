@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import random
 import smtplib
@@ -146,6 +147,9 @@ class Queue:
         self._backlog.set()  # at start: whatever the last run left
         self._dispatcher_wakeup = asyncio.Event()
         self._stored_unhanded = 0  # commits that found no idle worker (see _dispatch)
+        self._delivering = 0  # workers delivering now
+        self._delivery_seconds = 0.0  # how long a delivery takes, on average
+        self._worker_freed = asyncio.Event()  # more workers wanted: parked ones look
         self._stopping = False  # stop(): workers finish what they hold, take no more
         self._workers: list[asyncio.Task[None]] = []  # and the dispatcher
         self._housekeeper: asyncio.Task[None] | None = None
@@ -255,6 +259,7 @@ class Queue:
         for the next start (or replica)."""
         self._stopping = True
         self._backlog.set()  # the dispatcher leaves
+        self._worker_freed.set()  # and the parked workers
         while self._idle:  # idle workers leave now
             self._idle.popleft().set_result(None)
         if self._workers:
@@ -273,6 +278,7 @@ class Queue:
         """One delivery at a time: a message handed over by a commit or by the
         dispatcher, which hold the claim in this relay's name."""
         while not self.stopping():
+            await self._until_wanted()
             waiter: asyncio.Future[Claim | None] = \
                 asyncio.get_running_loop().create_future()
             self._idle.append(waiter)
@@ -281,6 +287,8 @@ class Queue:
             claim = await waiter
             if claim is None:
                 return
+            self._delivering += 1
+            started = time.monotonic()
             try:
                 await self._deliver(self.name, claim)
             except StoreError as error:
@@ -289,6 +297,32 @@ class Queue:
                 raise
             except Exception:  # noqa: BLE001 (a bug must not stop the worker)
                 log.exception("unexpected error delivering %s", claim.id)
+            finally:
+                self._delivering -= 1
+                # The average delivery time, over the last twenty or so.
+                self._delivery_seconds += (time.monotonic() - started -
+                                           self._delivery_seconds) / 20
+                if self._delivering + len(self._idle) + 1 < self.workers_wanted():
+                    self._worker_freed.set()  # wanted more than work now: unpark
+
+    # Workers wanted: enough to keep the upstream's latency covered, no more. A fast
+    # upstream answers in a millisecond or two, and then more deliveries at once only
+    # take CPU from the clients being accepted; a slow one (200 ms a message) needs
+    # many at once to drain as fast as mail comes in.
+    MIN_WORKERS = 4
+    SECONDS_PER_WORKER = 0.004  # a delivery this long keeps one more worker busy
+
+    def workers_wanted(self) -> int:
+        wanted = math.ceil(self._delivery_seconds / self.SECONDS_PER_WORKER)
+        return max(self.MIN_WORKERS, min(self.config.queue_workers, wanted))
+
+    async def _until_wanted(self) -> None:
+        """Park while enough workers are delivering or idle (see workers_wanted)."""
+        while not self.stopping() and \
+                self._delivering + len(self._idle) >= self.workers_wanted():
+            self._worker_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._worker_freed.wait(), self.POLL_SECONDS)
 
     async def _dispatch(self) -> None:
         """Claims due messages from the store for the idle workers, as many at once

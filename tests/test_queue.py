@@ -410,3 +410,37 @@ def test_the_relay_serves_the_queue_api_with_its_tokens(start, down_upstream):
     assert call(f"/messages/{queue_id}/retry", "admin-token-123", "POST")[0] == 200
     wait_until(lambda: subjects(down_upstream) == ["over the api"], what="the retry")
     assert "admin-token-123" not in relay.log() and "read-token-456" not in relay.log()
+
+
+class CountingHandler(UpstreamHandler):
+    """Counts the deliveries in DATA at the same time (each stalls there)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.in_data = 0
+        self.most_in_data = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        self.in_data += 1
+        self.most_in_data = max(self.most_in_data, self.in_data)
+        try:
+            return await super().handle_DATA(server, session, envelope)
+        finally:
+            self.in_data -= 1
+
+
+def test_a_slow_upstream_gets_more_deliveries_at_once(start, down_upstream):
+    # 0.4 s a message: four at a time would drain slowly; the workers follow the
+    # upstream's pace up to QUEUE_WORKERS (never more).
+    handler = CountingHandler()
+    handler.stall["DATA"] = 0.4
+    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="12",
+                  QUEUE_RETRY_MIN="0.2", QUEUE_RETRY_MAX="0.2")
+    for number in range(40):
+        assert QUEUED.match(send(relay, f"slow {number}"))
+    upstream = Upstream(port=down_upstream.port, handler=handler)
+    try:
+        wait_until(lambda: len(handler.messages) == 40, timeout=60, what="all forty")
+    finally:
+        upstream.stop()
+    assert 8 <= handler.most_in_data <= 12, handler.most_in_data

@@ -345,6 +345,9 @@ class Queue:
                 except StoreError as error:
                     log_event(logging.ERROR, "queue-error", reason=str(error))
                     claims = []
+                except Exception:  # noqa: BLE001 (a bug must not stop every delivery)
+                    log.exception("unexpected error claiming from the queue")
+                    claims = []
                 for waiter, claim in zip(reserved, claims, strict=False):
                     waiter.set_result(claim)
                 unused = reserved[len(claims):]
@@ -473,6 +476,8 @@ class Queue:
                 self.metrics.queue_observe(stats)
             except StoreError as error:
                 log_event(logging.ERROR, "queue-error", reason=str(error))
+            except Exception:  # noqa: BLE001 (retention and gauges go on next time)
+                log.exception("unexpected error in the queue's housekeeping")
             await asyncio.sleep(self.HOUSEKEEPING_SECONDS)
 
 

@@ -108,7 +108,7 @@ from relay.settings import (
     load_config,
     redact_url,
 )
-from relay.store import Store, StoreError
+from relay.store import NewMessage, Store, StoreError
 from relay.upstream import Forwarder, UpstreamError
 from relay.users import (
     AuthGuard,
@@ -427,10 +427,7 @@ class SMTPRelayHandler:
         durably stored. `upstream`: the upstream's 250 for the other recipients."""
         assert self.queue is not None  # queue and fallback modes have one
         fields = {**fields, "to": recipients}
-        message = queue_message(session.message_id or new_message_id(),
-                                session_user(session), session.peer_ip,
-                                envelope.mail_from or "", recipients,
-                                header + (envelope.original_content or b""))
+        message = self._for_the_store(session, envelope, header, recipients)
         full = self.queue.room(len(message.body))
         if full is not None:
             reply = self.metrics.record(replies.QUEUE_FULL, session, **fields, detail=full)
@@ -452,15 +449,23 @@ class SMTPRelayHandler:
                        recipients: list[str], status: str, reply: str) -> None:
         """ARCHIVE in sync mode: the record of a message the upstream decided on."""
         assert self.queue is not None  # ARCHIVE on opens the store
-        message = queue_message(
-            session.message_id or new_message_id(), session_user(session),
-            session.peer_ip, envelope.mail_from or "", recipients,
-            header + (envelope.original_content or b""),
+        message = self._for_the_store(
+            session, envelope, header, recipients,
             outcomes={recipient: (status, reply) for recipient in recipients})
         try:
             await self.queue.commit(message)
         except StoreError as error:
             log_event(logging.ERROR, "archive-failed", session, reason=str(error))
+
+    @staticmethod
+    def _for_the_store(session: RelaySession, envelope: RelayEnvelope, header: bytes,
+                       recipients: list[str], **extra: Any) -> NewMessage:
+        """The message as the store keeps it: our Received: header, then the data
+        without its dot-stuffing."""
+        return queue_message(session.message_id or new_message_id(),
+                             session_user(session), session.peer_ip,
+                             envelope.mail_from or "", recipients,
+                             header + (envelope.original_content or b""), **extra)
 
     async def handle_RSET(self, server: SMTP, session: RelaySession, envelope: Any) -> str:
         await self._abandon(session)

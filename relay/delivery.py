@@ -46,6 +46,7 @@ from relay.upstream import (
     UpstreamConnection,
     UpstreamError,
     describe_error,
+    final_reply,
 )
 
 if TYPE_CHECKING:
@@ -88,38 +89,38 @@ def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[s
             options.append("BODY=8BITMIME")
         if not (sender.isascii() and all(r.isascii() for r in recipients)):
             if not connection.has("smtputf8"):
-                refusal = replies.NO_SMTPUTF8.format()
-                return {r: (int(refusal[:3]), refusal[4:]) for r in recipients}, True
+                refusal = replies.NO_SMTPUTF8
+                return {r: (refusal.code, refusal.format()[4:]) for r in recipients}, True
             options.append("SMTPUTF8")
             assert connection.smtp is not None
             connection.smtp.command_encoding = "utf-8"
         code, text = connection.command("MAIL", f"FROM:<{sender}>" +
                                         "".join(" " + o for o in options))
         if not 200 <= code < 300:
-            return {r: (code, text) for r in recipients}, 200 <= code < 600 and code != 421
+            return {r: (code, text) for r in recipients}, final_reply(code)
         accepted = []
         for recipient in recipients:
             code, text = connection.command("RCPT", f"TO:<{recipient}>")
             outcomes[recipient] = (code, text)
             if 200 <= code < 300:
                 accepted.append(recipient)
-            elif code == 421 or not 400 <= code < 600:
+            elif not final_reply(code):
                 raise smtplib.SMTPServerDisconnected(f"{code} {text}")
         if accepted:
             sent, code, text = connection.data(dot_stuffed(body))
             for recipient in accepted:
                 outcomes[recipient] = (code, text)
-            if sent and 200 <= code < 600 and code != 421:
-                return outcomes, True  # the reply after the data ends the transaction
-            if code == 421 or not 200 <= code < 600:
+            if not final_reply(code):
                 return outcomes, False
+            if sent:
+                return outcomes, True  # the reply after the data ends the transaction
         code, _ = connection.command("RSET", "")
         return outcomes, code == 250
     except (*LINK_ERRORS, smtplib.SMTPException) as error:
         detail = describe_error(error)
         for recipient in recipients:
             if recipient not in outcomes or 200 <= outcomes[recipient][0] < 300:
-                outcomes[recipient] = (0, f"451 4.4.2 Upstream connection was lost: {detail}")
+                outcomes[recipient] = (0, replies.UPSTREAM_LOST.format(detail=detail))
         return outcomes, False
 
 
@@ -154,7 +155,6 @@ class Queue:
         self._workers: list[asyncio.Task[None]] = []  # and the dispatcher
         self._housekeeper: asyncio.Task[None] | None = None
         self.usage = store.usage()  # refreshed by housekeeping and each commit
-        self.upstream_ok: bool | None = None  # how the last delivery attempt went
 
     # --- the SMTP side -----------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class Queue:
             self._delivering += 1
             started = time.monotonic()
             try:
-                await self._deliver(self.name, claim)
+                await self._deliver(claim)
             except StoreError as error:
                 log_event(logging.ERROR, "queue-error", id=claim.id, reason=str(error))
             except asyncio.CancelledError:
@@ -361,10 +361,10 @@ class Queue:
                         self._backlog.clear()  # nothing more due in the store now
                     break
 
-    async def _deliver(self, worker: str, claim: Claim) -> None:
+    async def _deliver(self, claim: Claim) -> None:
         addresses = [recipient.address for recipient in claim.recipients]
         started, tls = time.time(), self.config.relay_use_tls or self.config.relay_use_ssl
-        renewing = asyncio.create_task(self._renew(worker, claim.id))
+        renewing = asyncio.create_task(self._renew(claim.id))
         try:
             outcomes = await self._attempt(claim.sender, addresses, claim.body)
         finally:
@@ -378,41 +378,39 @@ class Queue:
             attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
             fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
                                       "to": recipient.address,
-                      "attempts": recipient.attempts + 1, "upstream": reply}
+                                      "attempts": recipient.attempts + 1, "upstream": reply}
+            next_attempt = None
             if 200 <= code < 300:
-                results.append(Result(recipient.address, "delivered", reply, None, attempt))
-                self.metrics.queue_attempts.labels("delivered").inc()
-                log_event(logging.INFO, "delivered", **fields, queued_s=round(
-                    now - claim.received, 1))
+                status, result, level = "delivered", "delivered", logging.INFO
+                fields["queued_s"] = round(now - claim.received, 1)
             elif 500 <= code < 600:
-                results.append(Result(recipient.address, "failed", reply, None, attempt))
-                failed.append(FailedRecipient(recipient.address, reply))
-                self.metrics.queue_attempts.labels("failed").inc()
-                log_event(logging.ERROR, "delivery-failed", **fields)
+                status, result, level = "failed", "delivery-failed", logging.ERROR
             elif now - claim.received >= self.config.queue_max_age:
-                results.append(Result(recipient.address, "failed", reply, None, attempt))
-                failed.append(FailedRecipient(recipient.address, reply, expired=True))
-                self.metrics.queue_attempts.labels("expired").inc()
-                log_event(logging.ERROR, "expired", **fields,
-                          queued_s=round(now - claim.received, 1))
+                status, result, level = "failed", "expired", logging.ERROR
+                fields["queued_s"] = round(now - claim.received, 1)
             else:
+                status, result, level = "deferred", "deferred", logging.WARNING
                 delay = retry_delay(recipient.attempts + 1, self.config.queue_retry_min,
                                     self.config.queue_retry_max)
-                results.append(Result(recipient.address, "deferred", reply, now + delay,
-                                      attempt))
-                self.metrics.queue_attempts.labels("deferred").inc()
-                log_event(logging.WARNING, "deferred", **fields,
-                          next_attempt_s=round(delay, 1))
+                next_attempt = now + delay
+                fields["next_attempt_s"] = round(delay, 1)
+            results.append(Result(recipient.address, status, reply, next_attempt, attempt))
+            if status == "failed":
+                failed.append(FailedRecipient(recipient.address, reply,
+                                              expired=result == "expired"))
+            # The metric's result label: delivered, deferred, failed, expired.
+            self.metrics.queue_attempts.labels(
+                "failed" if result == "delivery-failed" else result).inc()
+            log_event(level, result, **fields)
         if failed:
             await self._bounce(claim, failed, now)
-        await self.committer.record(worker, claim.id, results, now)
+        await self.committer.record(self.name, claim.id, results, now)
 
     async def _attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
         """Each recipient's reply from one try through the pool."""
         try:
             connection = await self.pool.acquire()
         except UpstreamError as error:
-            self.upstream_ok = False
             self.metrics.upstream_up.set(0)
             return {r: (0, error.reply) for r in recipients}
         try:
@@ -426,18 +424,18 @@ class Queue:
             self.pool.release(connection)
         else:
             self.pool.discard(connection)
-        self.upstream_ok = any(code for code, _ in outcomes.values())
-        self.metrics.upstream_up.set(1 if self.upstream_ok else 0)
+        reached = any(code for code, _ in outcomes.values())  # any reply at all
+        self.metrics.upstream_up.set(1 if reached else 0)
         return outcomes
 
-    async def _renew(self, worker: str, message_id: str) -> None:
+    async def _renew(self, message_id: str) -> None:
         """Keep the claim while the delivery runs: another relay takes it over only
         when this one has gone silent for QUEUE_LEASE_SECONDS."""
         lease = self.config.queue_lease_seconds
         while True:
             await asyncio.sleep(lease / 3)
             with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.renew, worker, message_id,
+                await asyncio.to_thread(self.store.renew, self.name, message_id,
                                         time.time() + lease)
 
     async def _bounce(self, claim: Claim, failed: list[FailedRecipient], now: float) -> None:

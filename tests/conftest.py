@@ -501,9 +501,10 @@ def rcpt(client: smtplib.SMTP, recipient: str) -> str:
 
 
 def try_message(client: smtplib.SMTP, content: bytes,
-                recipients: tuple[str, ...] = (RECIPIENT,)) -> str:
-    """MAIL, RCPT*, DATA on an open client; the first refusal, or the DATA reply."""
-    reply = mail(client)
+                recipients: tuple[str, ...] = (RECIPIENT,), sender: str = SENDER) -> str:
+    """MAIL, RCPT*, DATA on an open client; the first refusal, or the DATA reply. After
+    a refused RCPT the transaction is still open (RSET before the next MAIL)."""
+    reply = mail(client, sender)
     if not reply.startswith("250"):
         return reply
     for recipient in recipients:

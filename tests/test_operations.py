@@ -53,6 +53,7 @@ from conftest import (
     rcpt,
     relay_env,
     start_module_relay,
+    try_message,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -143,17 +144,9 @@ def wait_for_metric(port: int, name: str, expected: float, timeout: float = 10.0
 
 def send(client: smtplib.SMTP, sender: str = SENDER,
          recipients: tuple[str, ...] = (RECIPIENT,), content: bytes | None = None) -> str:
-    """MAIL, RCPT*, DATA on an open client: the first refusal, or the DATA reply. After
-    a refused RCPT the transaction is still open (RSET before the next MAIL)."""
-    reply = mail(client, sender)
-    if not reply.startswith("250"):
-        return reply
-    for recipient in recipients:
-        reply = rcpt(client, recipient)
-        if not reply.startswith("250"):
-            return reply
-    code, text = client.data(message() if content is None else content)
-    return f"{code} {text.decode()}"
+    """try_message with a default message."""
+    return try_message(client, message() if content is None else content, recipients,
+                       sender)
 
 
 def relay_id(reply: str) -> str:

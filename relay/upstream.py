@@ -630,7 +630,16 @@ class Forwarder:
             return accepted, f"250 {text}" if accepted else f"{code} {text}"
         if not sent and final_reply(code) and code >= 400:
             # The DATA command itself refused (e.g. Postfix's smtpd_data_restrictions):
-            # the upstream's transaction is still open, so it is reset before reuse.
+            # the upstream's transaction is still open. Reset it before the client hears
+            # the refusal, so the session is back in the pool for whoever sends next.
+            try:
+                reset, _ = await self._call(session, connection.command, "RSET", "")
+            except LINK_ERRORS:
+                reset = 0
+            if reset == 250:
+                transaction.open = False
+            else:
+                self._condemn(transaction)
             self._end(session, transaction)
             return False, f"{code} {text}"
         self._condemn(transaction)

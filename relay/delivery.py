@@ -279,6 +279,8 @@ class Queue:
         dispatcher, which hold the claim in this relay's name."""
         while not self.stopping():
             await self._until_wanted()
+            if self.stopping():  # unparked by stop(): its idle list is already empty
+                return
             waiter: asyncio.Future[Claim | None] = \
                 asyncio.get_running_loop().create_future()
             self._idle.append(waiter)

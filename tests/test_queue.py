@@ -375,6 +375,16 @@ def test_sigterm_lets_a_queued_delivery_finish(start, upstream):
     assert subjects(upstream) == ["finish me"]
 
 
+def test_sigterm_with_nothing_to_deliver_exits_at_once(start, upstream):
+    # Most workers are parked (a fast upstream wants few): stop() must release them
+    # too, not leave them waiting for work until TIMEOUT (docker stop kills at 10 s).
+    relay = start(upstream, DELIVERY_MODE="queue", TIMEOUT="60")
+    send(relay, "one")
+    wait_until(lambda: subjects(upstream) == ["one"], what="the delivery")
+    assert relay.stop(signal.SIGTERM, timeout=30) == 0
+    assert relay.log().rstrip().endswith("stopped")
+
+
 def test_the_relay_serves_the_queue_api_with_its_tokens(start, down_upstream):
     import json
     import urllib.error

@@ -58,6 +58,7 @@ from aiosmtpd.smtp import (
 from relay import replies
 from relay.admin import QueueAPI, queue_command
 from relay.delivery import Queue, queue_message
+from relay.mx import MXDeliverer, hostname_looks_qualified
 from relay.observability import (
     Metrics,
     log,
@@ -98,6 +99,7 @@ from relay.protocol import (
 )
 from relay.ratelimit import RateLimiter, sender_key
 from relay.replies import upstream_reason
+from relay.routes import Router, RouteTable, SmartHost
 from relay.settings import (
     AUTH_MECHANISMS,
     DEFAULT_AUTH_PASSWORD,
@@ -227,8 +229,10 @@ class SMTPRelayHandler:
     """aiosmtpd handler: the checks for each stage, then the upstream's verdict."""
 
     def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter,
-                 metrics: Metrics, queue: Queue | None = None):
+                 metrics: Metrics, queue: Queue | None = None,
+                 routes: RouteTable | None = None):
         self.config = config
+        self.routes = routes or RouteTable(config, load=False)  # ROUTES_FILE, users' routes
         self.forwarder = forwarder
         self.rate_limiter = rate_limiter
         self.metrics = metrics
@@ -274,7 +278,15 @@ class SMTPRelayHandler:
                                            **{"from": str(sender)})
         session.queue_recipients = []
         session.queue_only = self.mode == "queue"
-        if session.queue_only:  # store first: the upstream is not asked now
+        session.pending_mail, session.route = None, None
+        destination = None if session.queue_only else \
+            self.routes.at_mail(session.user, str(sender))
+        if not session.queue_only and not isinstance(destination, SmartHost):
+            # fallback: the route depends on the recipients (to:, mx); MAIL goes
+            # upstream with the first recipient whose route is a smart host.
+            session.pending_mail = (str(sender), list(mail_options))
+            reply = replies.SENDER_OK.format()
+        elif session.queue_only:  # store first: the upstream is not asked now
             assert self.queue is not None
             full = self.queue.room(declared_size(mail_options))
             if full is not None:
@@ -282,8 +294,12 @@ class SMTPRelayHandler:
                                            **{"from": str(sender)})
             reply = replies.SENDER_OK.format()
         else:
+            session.route = destination
+            # RELAY_*'s destination is the Forwarder's own default.
+            routed = () if destination == self.routes.default else (destination,)
             try:
-                reply = await self.forwarder.begin(session, str(sender), mail_options)
+                reply = await self.forwarder.begin(session, str(sender), mail_options,
+                                                   *routed)
             except UpstreamError as error:
                 if self.mode != "fallback":
                     return self.metrics.record(error.kind, session, detail=error.detail,
@@ -308,7 +324,8 @@ class SMTPRelayHandler:
                           address: str, rcpt_options: list[str]) -> str:
         fields: dict[str, Any] = {"from": envelope.mail_from}
         policy = session.policy
-        if policy is None or (session.transaction is None and not session.queue_only):
+        if policy is None or (session.transaction is None and not session.queue_only
+                              and session.pending_mail is None):
             return self.metrics.record(replies.UPSTREAM_TRANSACTION_LOST, session,
                                        detail="start the message again", **fields)
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
@@ -327,8 +344,15 @@ class SMTPRelayHandler:
             if limit is not None:
                 return self.metrics.record(replies.RATE_LIMITED, session, **limit,
                                            **fields, to=str(recipient))
-        if session.queue_only:
-            session.queue_recipients.append(str(recipient))
+        refused = None if session.queue_only else \
+            await self._route_recipient(session, envelope, str(recipient))
+        if refused is not None:  # the route's upstream refused the sender
+            self.metrics.record_upstream_refusal("sender-refused", refused, session,
+                                                 **fields, address=str(recipient))
+            return refused
+        if session.queue_only or str(recipient) in session.queue_recipients:
+            if str(recipient) not in session.queue_recipients:
+                session.queue_recipients.append(str(recipient))
             reply = replies.RECIPIENT_OK.format()
         else:
             try:
@@ -351,6 +375,38 @@ class SMTPRelayHandler:
                                                  **fields, address=str(recipient))
         return reply
 
+    async def _route_recipient(self, session: RelaySession, envelope: RelayEnvelope,
+                               recipient: str) -> str | None:
+        """fallback with routes by recipient: a recipient whose route is not the smart
+        host the sync part uses (or is mx) waits in the queue (queue_recipients); the
+        first one with a smart-host route begins the upstream transaction. Returns the
+        upstream's refusal of the sender for this recipient, or None."""
+        if not self.routes.needs_split():
+            return None
+        destination = self.routes.for_recipient(session.user, envelope.mail_from or "",
+                                                recipient)
+        if session.pending_mail is None:
+            if destination != session.route:
+                session.queue_recipients.append(recipient)
+            return None
+        if not isinstance(destination, SmartHost):
+            session.queue_recipients.append(recipient)  # mx: always through the queue
+            return None
+        sender, options = session.pending_mail
+        try:
+            reply = await self.forwarder.begin(session, sender, options, destination)
+        except UpstreamError as error:
+            reply = error.reply
+        if reply[:1] == "2":
+            session.pending_mail, session.route = None, destination
+            return None
+        if reply[:1] == "4":  # cannot answer now: the whole message goes to the queue
+            log_event(logging.WARNING, "upstream-unavailable", session, stage="MAIL",
+                      upstream=reply, then="queue")
+            session.pending_mail, session.queue_only = None, True
+            return None
+        return reply
+
     async def handle_DATA(self, server: RelaySMTP, session: RelaySession,
                           envelope: RelayEnvelope) -> str:
         content: bytes = envelope.smtp_data  # as the client sent it: dot-stuffed
@@ -358,8 +414,9 @@ class SMTPRelayHandler:
                                   "size": len(envelope.original_content or b"")}
         policy = session.policy
         refusal = self._refuse_content(content, policy) if policy is not None else None
-        if refusal is None and (policy is None or (session.transaction is None and
-                                                   not session.queue_only)):
+        if refusal is None and (policy is None or (
+                session.transaction is None and not session.queue_only
+                and len(session.queue_recipients) < len(envelope.rcpt_tos))):
             refusal = replies.UPSTREAM_TRANSACTION_LOST, {"detail": "send the message "
                                                           "again"}
         if refusal is not None:
@@ -530,13 +587,17 @@ class SMTPRelayServer:
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self.forwarder = Forwarder(config, self.metrics)
         self.rate_limiter = RateLimiter(config)
+        # ROUTES_FILE and the users' routes; a split in sync mode is a ConfigError here.
+        self.routes = RouteTable(config)
+        self.router = Router(self.routes, self.forwarder.pools, lambda: MXDeliverer(
+            config, self.forwarder.executor, self.metrics))
         self.queue: Queue | None = None
         if config.delivery_mode != "sync" or config.archive != "off" or \
                 config.api_token or config.api_read_token:
             self.queue = Queue(config, open_store(config), self.forwarder.pool,
-                               self.metrics)
+                               self.metrics, self.router)
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
-                                        self.metrics, self.queue)
+                                        self.metrics, self.queue, self.routes)
         self.default_policy = default_policy(config)
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.authenticator = SMTPAuthHandler(config, self.auth_guard, self.metrics)
@@ -684,12 +745,18 @@ class SMTPRelayServer:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
         self.reload_tls()
         try:
+            routes = self.router.reload()
+        except ConfigError as error:
+            log_event(logging.ERROR, "routes-reload-failed", reason=str(error),
+                      kept=len(self.routes.routes))
+            routes = len(self.routes.routes)
+        try:
             count = self.authenticator.reload(self.config)
         except ConfigError as error:
             log_event(logging.ERROR, "users-reload-failed", reason=str(error),
                       kept=len(self.authenticator.users))
             return
-        log_event(logging.INFO, "reloaded", users=count)
+        log_event(logging.INFO, "reloaded", users=count, routes=routes)
 
     def reload_tls(self) -> None:
         """SIGHUP: TLS_CERT_FILE and TLS_KEY_FILE read again (a renewed certificate).
@@ -749,7 +816,7 @@ def open_store(config: Config) -> Store:
                           "reachable PostgreSQL database") from None
 
 
-def startup_warnings(config: Config) -> None:
+def startup_warnings(config: Config, routes: RouteTable | None = None) -> None:
     if config.auth_password == DEFAULT_AUTH_PASSWORD and not config.auth_password_hash:
         log.warning("SMTP_AUTH_PASSWORD is the default %r: anyone who knows it can send "
                     "through this relay. Set your own.", DEFAULT_AUTH_PASSWORD)
@@ -769,6 +836,11 @@ def startup_warnings(config: Config) -> None:
     if TLS_VERSIONS[config.tls_min_version] < ssl.TLSVersion.TLSv1_2:
         log.warning("TLS_MIN_VERSION=%s: TLS below 1.2 is broken; allow it only for old "
                     "devices that cannot do better.", config.tls_min_version)
+    if routes is not None and routes.uses_mx() and \
+            not hostname_looks_qualified(config.smtp_hostname):
+        log.warning("SMTP_HOSTNAME=%s does not look fully qualified: MX hosts that "
+                    "receive our EHLO often reject such a name. Set SMTP_HOSTNAME to "
+                    "this host's public DNS name.", config.smtp_hostname)
 
 
 async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | None = None,
@@ -784,7 +856,7 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
               smtps=server.smtps_port, http=http.port if http else None,
               **{k: v for k, v in config.redacted().items()
                  if k not in ("listen_host", "listen_port", "smtps_port", "http_port")})
-    startup_warnings(config)
+    startup_warnings(config, server.routes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -21,16 +21,15 @@ import logging
 import math
 import os
 import random
-import smtplib
 import socket
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from relay import replies
 from relay.bounce import FailedRecipient, bounce_wanted, build_dsn, is_bounce
+from relay.mx import MXDeliverer
 from relay.observability import log, log_event
 from relay.protocol import new_message_id
+from relay.routes import AttemptInfo, Router, RouteTable
 from relay.store import (
     Attempt,
     Claim,
@@ -41,12 +40,10 @@ from relay.store import (
     Store,
     StoreError,
 )
-from relay.upstream import (
-    LINK_ERRORS,
-    UpstreamConnection,
-    UpstreamError,
-    describe_error,
-    final_reply,
+from relay.upstream import (  # noqa: F401 (dot_stuffed and transact lived here first)
+    UpstreamPools,
+    dot_stuffed,
+    transact,
 )
 
 if TYPE_CHECKING:
@@ -69,72 +66,23 @@ def retry_delay(attempts: int, minimum: float, maximum: float,
     return (rng or random).uniform(minimum, max(minimum, ceiling))
 
 
-def dot_stuffed(body: bytes) -> bytes:
-    """The body as the DATA command carries it (RFC 5321 4.5.2), ending in CRLF."""
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    stuffed = body.replace(b"\r\n.", b"\r\n..")
-    return b"." + stuffed if stuffed.startswith(b".") else stuffed
-
-
-def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[str],
-             body: bytes) -> tuple[Outcomes, bool]:
-    """One whole upstream transaction, blocking (a worker thread): MAIL, each RCPT,
-    DATA. Returns each recipient's reply, and whether the session is still usable
-    between transactions (False: close it)."""
-    outcomes: Outcomes = {}
-    try:
-        options = [f"SIZE={len(body)}"] if connection.has("size") else []
-        if not body.isascii() and connection.has("8bitmime"):
-            options.append("BODY=8BITMIME")
-        if not (sender.isascii() and all(r.isascii() for r in recipients)):
-            if not connection.has("smtputf8"):
-                refusal = replies.NO_SMTPUTF8
-                return {r: (refusal.code, refusal.format()[4:]) for r in recipients}, True
-            options.append("SMTPUTF8")
-            assert connection.smtp is not None
-            connection.smtp.command_encoding = "utf-8"
-        code, text = connection.command("MAIL", f"FROM:<{sender}>" +
-                                        "".join(" " + o for o in options))
-        if not 200 <= code < 300:
-            return {r: (code, text) for r in recipients}, final_reply(code)
-        accepted = []
-        for recipient in recipients:
-            code, text = connection.command("RCPT", f"TO:<{recipient}>")
-            outcomes[recipient] = (code, text)
-            if 200 <= code < 300:
-                accepted.append(recipient)
-            elif not final_reply(code):
-                raise smtplib.SMTPServerDisconnected(f"{code} {text}")
-        if accepted:
-            sent, code, text = connection.data(dot_stuffed(body))
-            for recipient in accepted:
-                outcomes[recipient] = (code, text)
-            if not final_reply(code):
-                return outcomes, False
-            if sent:
-                return outcomes, True  # the reply after the data ends the transaction
-        code, _ = connection.command("RSET", "")
-        return outcomes, code == 250
-    except (*LINK_ERRORS, smtplib.SMTPException) as error:
-        detail = describe_error(error)
-        for recipient in recipients:
-            if recipient not in outcomes or 200 <= outcomes[recipient][0] < 300:
-                outcomes[recipient] = (0, replies.UPSTREAM_LOST.format(detail=detail))
-        return outcomes, False
-
-
 class Queue:
     """The queue as the relay uses it: commit, room, and the delivery workers."""
 
     POLL_SECONDS = 1.0  # how often the dispatcher looks for due recipients (others' too)
     HOUSEKEEPING_SECONDS = 30.0  # archive retention, the depth gauges
 
-    def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics):
+    def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics,
+                 router: Router | None = None):
         self.config = config
         self.store = store
         self.pool = pool
         self.metrics = metrics
+        # Where each recipient goes (issue #11): RELAY_*, a route's smart host, or MX.
+        self.router = router or Router(
+            RouteTable(config, load=False), UpstreamPools(config, pool.executor, metrics,
+                                                          pool),
+            lambda: MXDeliverer(config, pool.executor, metrics))
         self.committer = GroupCommit(store)
         # Who we are in the store's locks: unique per process, across replicas.
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -212,7 +160,8 @@ class Queue:
                 id=message.id, received=message.received, sender=message.sender,
                 body=message.body, recipients=[
                     RecipientState(address, "delivering", 0, None, None, now)
-                    for address in dict.fromkeys(message.recipients)]))
+                    for address in dict.fromkeys(message.recipients)],
+                user=message.user))
 
     # --- the workers ---------------------------------------------------------------------
 
@@ -365,22 +314,26 @@ class Queue:
 
     async def _deliver(self, claim: Claim) -> None:
         addresses = [recipient.address for recipient in claim.recipients]
-        started, tls = time.time(), self.config.relay_use_tls or self.config.relay_use_ssl
+        started = time.time()
         renewing = asyncio.create_task(self._renew(claim.id))
+        info: dict[str, AttemptInfo] = {}
         try:
-            outcomes = await self._attempt(claim.sender, addresses, claim.body)
+            outcomes = await self._attempt(claim.sender, addresses, claim.body,
+                                           user=claim.user, info=info)
         finally:
             renewing.cancel()
         now = time.time()
-        upstream = f"{self.config.relay_host}:{self.config.relay_port}"
         results, failed = [], []
         for recipient in claim.recipients:
             code, text = outcomes[recipient.address]
             reply = f"{code} {text}" if code else text
-            attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
+            where = info.get(recipient.address) or AttemptInfo("", "")
+            attempt = Attempt(now, recipient.address, where.upstream, reply,
+                              now - started, where.tls in ("verified", "unverified"))
             fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
                                       "to": recipient.address,
-                                      "attempts": recipient.attempts + 1, "upstream": reply}
+                                      "attempts": recipient.attempts + 1, "upstream": reply,
+                                      "host": where.upstream, "tls": where.tls or "none"}
             next_attempt = None
             if 200 <= code < 300:
                 status, result, level = "delivered", "delivered", logging.INFO
@@ -408,26 +361,15 @@ class Queue:
             await self._bounce(claim, failed, now)
         await self.committer.record(self.name, claim.id, results, now)
 
-    async def _attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
-        """Each recipient's reply from one try through the pool."""
-        try:
-            connection = await self.pool.acquire()
-        except UpstreamError as error:
-            self.metrics.upstream_up.set(0)
-            return {r: (0, error.reply) for r in recipients}
-        try:
-            outcomes, reusable = await self.pool.run(transact, connection, sender,
-                                                     recipients, body)
-        except BaseException:
-            self.pool.discard(connection)
-            raise
-        if reusable:
-            connection.messages_sent += 1
-            self.pool.release(connection)
-        else:
-            self.pool.discard(connection)
-        reached = any(code for code, _ in outcomes.values())  # any reply at all
-        self.metrics.upstream_up.set(1 if reached else 0)
+    async def _attempt(self, sender: str, recipients: list[str], body: bytes, *,
+                       user: str | None = None,
+                       info: dict[str, AttemptInfo] | None = None) -> Outcomes:
+        """Each recipient's reply from one try along its route (relay.routes.Router:
+        one transaction per destination). `info` gets, per recipient, the host that
+        answered and the TLS outcome."""
+        outcomes, where = await self.router.attempt(user, sender, recipients, body)
+        if info is not None:
+            info.update(where)
         return outcomes
 
     async def _renew(self, message_id: str) -> None:

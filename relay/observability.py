@@ -382,6 +382,14 @@ class Metrics:
         self.upstream_up = prometheus_client.Gauge(
             "smtp_relay_upstream_up", "1 when the last upstream probe or queued delivery "
             "reached the upstream, 0 when it did not.", registry=registry)
+        self.upstream_host_up = prometheus_client.Gauge(
+            "smtp_relay_upstream_host_up", "Per upstream host (RELAY_HOST's list and the "
+            "routes' smart hosts): 1 when its last handshake succeeded, 0 when it failed.",
+            ["host"], registry=registry)
+        self.mx_attempts = prometheus_client.Counter(
+            "smtp_relay_mx_attempts", "MX deliveries of one recipient domain, by outcome "
+            "(delivered, deferred, failed) and TLS (verified, unverified, none).",
+            ["result", "tls"], registry=registry)
 
     def queue_observe(self, stats: dict[str, Any]) -> None:
         """The depth gauges, from Store.stats."""

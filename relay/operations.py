@@ -25,6 +25,7 @@ from aiosmtpd.smtp import (
 
 from relay.observability import setup_logging
 from relay.protocol import cannot_listen, listening_port
+from relay.routes import RouteTable, host_label
 from relay.settings import load_config, upstream_tls_context
 from relay.upstream import (
     Handshake,
@@ -38,17 +39,24 @@ from relay.users import BCRYPT_MAX_PASSWORD, load_users
 if TYPE_CHECKING:
     from relay.admin import QueueAPI
     from relay.settings import Config
-    from relay.upstream import UpstreamPool
+    from relay.upstream import UpstreamPool, UpstreamPools
     from smtp_relay import SMTPRelayServer
 
 
 class ReadinessProbe:
     """Is the upstream usable? Connect, EHLO, STARTTLS and AUTH as configured, at most
-    once per READY_PROBE_SECONDS; callers in between share the cached answer."""
+    once per READY_PROBE_SECONDS; callers in between share the cached answer.
 
-    def __init__(self, config: Config, pool: UpstreamPool):
+    With several hosts (a RELAY_HOST list, routes' smart hosts) every host is probed,
+    each on a line of its own; ready when every smart-host destination has at least one
+    host that answered (failover covers the rest). MX delivery is not probed."""
+
+    def __init__(self, config: Config, pool: UpstreamPool,
+                 routes: RouteTable | None = None, pools: UpstreamPools | None = None):
         self.config = config
         self.pool = pool
+        self.routes = routes
+        self.pools = pools
         self._answer: tuple[bool, str] | None = None
         self._answered_at = 0.0
         self._probe: asyncio.Future | None = None
@@ -61,16 +69,50 @@ class ReadinessProbe:
             self._probe = asyncio.ensure_future(self._run())
         return await asyncio.shield(self._probe)
 
-    async def _run(self) -> tuple[bool, str]:
-        connection = UpstreamConnection(self.config, self.pool.tls_context)
+    @staticmethod
+    async def _probe_host(pool: UpstreamPool, host_config: Config) -> tuple[bool, str]:
+        label = host_label(host_config.relay_host, host_config.relay_port)
+        connection = UpstreamConnection(host_config, pool.tls_context)
         try:
-            await self.pool.run(connection.open)
-            answer = (True, "upstream answered: " + ", ".join(connection.handshake.steps()))
+            await pool.run(connection.open)
+            pool.host_answered(label)
+            return True, "upstream answered: " + ", ".join(connection.handshake.steps())
         except UpstreamError as error:
-            answer = (False, f"upstream not ready: {error}")
+            pool.host_failed(label, error.detail)
+            return False, f"upstream not ready: {error}"
         finally:
-            await self.pool.run(connection.close)
+            await pool.run(connection.close)
+
+    async def _run(self) -> tuple[bool, str]:
+        try:
+            destinations = self.routes.smart_hosts() if self.routes is not None else []
+            pools = [self.pools.get(d) for d in destinations] if self.pools is not None \
+                else [self.pool]
+            probes = [(pool, host_config) for pool in pools
+                      for host_config in pool.host_configs]
+            answers = await asyncio.gather(*(self._probe_host(pool, host_config)
+                                             for pool, host_config in probes))
+        finally:
             self._probe = None
+        if len(probes) == 1:
+            answer = answers[0]
+        else:
+            lines, ready = [], True
+            for pool in pools:
+                mine = [(host_config, answers[index])
+                        for index, (owner, host_config) in enumerate(probes)
+                        if owner is pool]
+                ready = ready and any(ok for _, (ok, _) in mine)
+                for host_config, (_, text) in mine:
+                    label = host_label(host_config.relay_host, host_config.relay_port)
+                    lines.append(f"host {label}: {text}")
+            answered = sum(1 for ok, _ in answers if ok)
+            head = (f"upstream answered: {answered} of {len(answers)} hosts" if ready else
+                    f"upstream not ready: a destination has no host answering "
+                    f"({answered} of {len(answers)} hosts answered)")
+            answer = (ready, "\n".join([head, *lines]))
+        if self.routes is not None and self.routes.uses_mx():
+            answer = (answer[0], answer[1] + "\nmx: direct delivery (not probed)")
         self._answer, self._answered_at = answer, time.monotonic()
         return answer
 
@@ -103,7 +145,8 @@ class HTTPEndpoint:
     def __init__(self, relay: SMTPRelayServer, api: QueueAPI | None = None):
         self.relay = relay
         self.api = api
-        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool)
+        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool, relay.routes,
+                                        relay.forwarder.pools)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -449,8 +492,48 @@ def check_command(environ: Mapping[str, str], out: Any = sys.stdout) -> int:
     out.write("Configuration (secrets redacted):\n")
     for key, value in config.redacted().items():
         out.write(f"  {key} = {value}\n")
-    out.write(f"\nUpstream {config.relay_host}:{config.relay_port}:\n")
-    ok = UpstreamCheck(config, out).run()
+    routes = RouteTable(config)  # ROUTES_FILE and the users' routes, checked too
+    ok = True
+    for destination in routes.smart_hosts():
+        which = "RELAY_HOST" if destination == routes.default else "route"
+        answered = []
+        for host, port in destination.hosts:
+            host_config = destination.host_config(config, host, port)
+            out.write(f"\nUpstream {host_label(host, port)} ({which}):\n")
+            answered.append(UpstreamCheck(host_config, out).run())
+        if len(answered) > 1 and not all(answered):
+            out.write(f"\n{sum(answered)} of {len(answered)} hosts of "
+                      f"{destination.label} passed (failover uses the others).\n")
+        ok = ok and any(answered)
+    if routes.routes:
+        out.write(f"\nRoutes ({len(routes.routes)}):\n")
+        for route in routes.routes:
+            match = {"user": f"user:{route.user}", "*": "*"}.get(
+                route.kind, f"{route.kind}:{route.domains}")
+            out.write(f"  {route.where}: {match} -> {route.destination.label}\n")
+    if routes.uses_mx():
+        ok = check_mx(config, out) and ok
     out.write("\nAll steps passed.\n" if ok else "\nThe upstream is not usable yet.\n")
     return 0 if ok else 1
+
+
+def check_mx(config: Config, out: Any) -> bool:
+    """`check` for the mx route: the EHLO name and whether DNS answers at all."""
+    from relay.mx import DNSFailure, Resolver, hostname_looks_qualified
+    out.write(f"\nMX delivery (MX_TLS={config.mx_tls}, MTA-STS "
+              f"{'on' if config.mx_mta_sts else 'off'}, port {config.mx_port}):\n")
+    qualified = hostname_looks_qualified(config.smtp_hostname)
+    out.write(f"{'ok  ' if qualified else 'warn'} {'EHLO':<10} {config.smtp_hostname}"
+              + ("" if qualified else ": not fully qualified, receivers may reject it")
+              + "\n")
+    resolvers = ",".join(f"{h}:{p}" for h, p in config.dns_resolvers) or "the system's"
+    try:
+        Resolver(config).query(config.smtp_hostname, "MX")
+    except DNSFailure as failure:
+        if failure.code < 500:
+            out.write(f"FAIL {'DNS':<10} {resolvers}: {failure.text}\n")
+            out.write(f"     {'':<10} fix: check DNS_RESOLVERS and this machine's DNS\n")
+            return False
+    out.write(f"ok   {'DNS':<10} {resolvers} answer\n")
+    return True
 

@@ -41,6 +41,7 @@ from relay.settings import ConfigError
 from relay.upstream import describe_error
 
 if TYPE_CHECKING:
+    from relay.routes import SmartHost
     from relay.upstream import Transaction
     from relay.users import UserPolicy
     from smtp_relay import SMTPRelayServer
@@ -81,6 +82,10 @@ class RelaySession(Session):
         # SMTPRelayHandler: what of the transaction goes to the queue (DELIVERY_MODE).
         self.queue_only = False  # no upstream transaction: it all goes to the queue
         self.queue_recipients: list[str] = []  # accepted for the queue, not upstream
+        # Routes (issue #11), fallback mode: the MAIL not sent upstream yet because the
+        # route depends on the recipients (to:, mx); the smart host the sync part uses.
+        self.pending_mail: tuple[str, list[str]] | None = None
+        self.route: SmartHost | None = None
         # Forwarder: the upstream half of the transaction.
         self.transaction: Transaction | None = None
         # RelaySMTP: where the client is in the dialogue.

@@ -219,6 +219,48 @@ class Mechanisms(Kind["tuple[str, ...]"]):
         return ",".join(value)
 
 
+def parse_host_list(raw: str, default_port: int, name: str) -> tuple[tuple[str, int], ...]:
+    """`smtp1.example.com,smtp2.example.com:2525,[2001:db8::1]:25` -> ((host, port), ...):
+    hosts tried in order. ConfigError naming `name` if an entry is not host[:port]."""
+    hosts = []
+    for entry in raw.split(","):
+        entry = entry.strip()
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?|([^\s:\[\]/@]+)"
+                             r"(?::([0-9]{1,5}))?", entry)
+        if match is None:
+            raise ConfigError(f"{name}={raw!r}: expects a comma-separated list of "
+                              "host or host:port ([IPv6]:port), no empty entries")
+        host = match.group(1) or match.group(3)
+        port_text = match.group(2) or match.group(4)
+        port = int(port_text) if port_text else default_port
+        if not 1 <= port <= 65535 or not (match.group(1) or HOSTNAME_RE.fullmatch(host)):
+            raise ConfigError(f"{name}: {entry!r}: expects host[:port] with a port "
+                              "from 1 to 65535")
+        hosts.append((host, port))
+    return tuple(hosts)
+
+
+def parse_resolvers(raw: str, name: str) -> tuple[tuple[str, int], ...]:
+    """DNS_RESOLVERS: `IP` or `IP:PORT` ([IPv6]:PORT), comma-separated."""
+    resolvers = []
+    for host, port in parse_host_list(raw, 53, name):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{name}: {host!r} is not an IP address; expects "
+                              "IP or IP:PORT entries like 127.0.0.1:5353") from None
+        resolvers.append((host, port))
+    return tuple(resolvers)
+
+
+class Resolvers(Kind["tuple[tuple[str, int], ...]"]):
+    def parse(self, name: str, raw: str) -> tuple[tuple[str, int], ...]:
+        return parse_resolvers(raw, name)
+
+    def shown(self, value: tuple[tuple[str, int], ...]) -> object:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value)
+
+
 def parse_domain_list(raw: str, name: str) -> DomainList:
     """`example.com,*.example.org` -> DomainList; ConfigError naming `name` if bad."""
     exact, parents = set(), []
@@ -356,7 +398,9 @@ class Config:
         "SMTP_HOSTNAME", Text(), "",
         "name in the greeting, EHLO to the upstream, Received: (empty: the host name)")
     # The upstream.
-    relay_host: str = setting("RELAY_HOST", Text(), "smtp.example.com", "upstream server")
+    relay_host: str = setting(
+        "RELAY_HOST", Text(), "smtp.example.com",
+        "upstream server, or a comma-separated list tried in order (host or host:port)")
     relay_port: int = setting("RELAY_PORT", Integer(1, 65535), 25, "upstream port")
     relay_use_tls: bool = setting("RELAY_USE_TLS", Boolean(), True,
                                   "STARTTLS to the upstream, required")
@@ -376,6 +420,24 @@ class Config:
     relay_pool_max_messages: int = setting(
         "RELAY_POOL_MAX_MESSAGES", Integer(1), 100,
         "close a reusable upstream session after this many messages")
+    # Routes and direct MX delivery (issue #11).
+    routes_file: str = setting(
+        "ROUTES_FILE", Text(), "",
+        "routes by user, sender or recipient domain to other upstreams or to mx; "
+        "re-read on SIGHUP")
+    dns_resolvers: tuple[tuple[str, int], ...] = setting(
+        "DNS_RESOLVERS", Resolvers(), (),
+        "DNS servers for MX delivery, IP or IP:PORT, comma-separated; empty = the system's")
+    mx_port: int = setting("MX_PORT", Integer(1, 65535), 25,
+                           "port of MX hosts (25; another only for tests)")
+    mx_allow_private: bool = setting(
+        "MX_ALLOW_PRIVATE", Boolean(), False,
+        "allow MX delivery to loopback, private and link-local addresses")
+    mx_tls: str = setting(
+        "MX_TLS", Choice("may", "encrypt", "verify"), "may",
+        "TLS to MX hosts: may (opportunistic), encrypt (required), verify (verified)")
+    mx_mta_sts: bool = setting("MX_MTA_STS", Boolean(), False,
+                               "honour recipient domains' MTA-STS policies (RFC 8461)")
     # Limits.
     max_connections: int = setting("MAX_CONNECTIONS", Integer(1, 10000), 50,
                                    "simultaneous client connections")
@@ -580,7 +642,8 @@ def check_consistency(config: Config) -> None:
         raise ConfigError("LISTEN_HOST: expects an address to listen on, e.g. 0.0.0.0")
     if not config.relay_host or any(c.isspace() for c in config.relay_host):
         raise ConfigError(f"RELAY_HOST={config.relay_host!r}: expects the upstream's "
-                          "host name or address")
+                          "host name or address (or a comma-separated list)")
+    parse_host_list(config.relay_host, config.relay_port, "RELAY_HOST")
     if not HOSTNAME_RE.fullmatch(config.smtp_hostname):
         raise ConfigError(f"SMTP_HOSTNAME={config.smtp_hostname!r}: expects a host name")
     if config.relay_use_tls and config.relay_use_ssl:

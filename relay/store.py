@@ -122,6 +122,7 @@ class Claim:                          # a message with the recipients a worker n
     sender: str
     body: bytes
     recipients: list[RecipientState]  # only the claimed ones (status now "delivering")
+    user: str | None = None           # who sent it: `user:` routes (issue #11)
 
 
 @dataclass
@@ -424,7 +425,7 @@ class Store(ABC):
                 f" AND {DUE} RETURNING message_id, {RECIPIENT_COLUMNS}",
                 (worker, now + lease, now, *ids, now, now))
             messages = {row[0]: row for row in tx.rows(
-                "SELECT id, received, sender, body FROM messages"
+                'SELECT id, received, sender, body, "user" FROM messages'
                 f" WHERE id IN ({marks(len(ids))})", ids)}
         held: dict[str, list[RecipientState]] = {}
         for row in claimed:
@@ -432,10 +433,11 @@ class Store(ABC):
         claims = []
         for message_id in ids:
             if message_id in held and message_id in messages:
-                _, received, sender, body = messages[message_id]
+                _, received, sender, body, user = messages[message_id]
                 recipients = sorted(held[message_id], key=lambda state: state.address)
                 claims.append(Claim(id=message_id, received=received, sender=sender,
-                                    body=bytes(body or b""), recipients=recipients))
+                                    body=bytes(body or b""), recipients=recipients,
+                                    user=user))
         return claims
 
     # Candidates per claim beyond `limit`: on PostgreSQL other relays may hold the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import fcntl
 import queue
 import select
@@ -22,12 +23,19 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay import replies
 from relay.observability import log
 from relay.policy import one_line
+from relay.routes import (
+    AttemptInfo,
+    Outcomes,
+    SmartHost,
+    default_destination,
+    host_label,
+)
 from relay.settings import upstream_tls_context
 
 if TYPE_CHECKING:
@@ -47,6 +55,7 @@ class UpstreamError(Exception):
 
     def __init__(self, reason: str, reply: str = "451 4.4.1"):
         super().__init__(reason)
+        self.reply_key = reply
         self.kind = _UPSTREAM_REPLIES[reply]
         self.detail = one_line(reason)[:200]
         self.reply = self.kind.format(detail=self.detail)
@@ -107,15 +116,17 @@ class Handshake:
                                       else []) + (["AUTH"] if self.config.relay_username
                                                   else [])
 
-    def connect(self) -> tuple[smtplib.SMTP, int, str]:
-        """TCP (and TLS, with RELAY_USE_SSL) and the banner: (session, code, text)."""
+    def connect(self, timeout: float | None = None) -> tuple[smtplib.SMTP, int, str]:
+        """TCP (and TLS, with RELAY_USE_SSL) and the banner: (session, code, text).
+        `timeout`: for the connect and banner (failover's budget), else TIMEOUT."""
         config = self.config
+        timeout = config.timeout if timeout is None else timeout
         smtp: smtplib.SMTP
         if config.relay_use_ssl:
-            smtp = smtplib.SMTP_SSL(timeout=config.timeout, context=self.tls_context,
+            smtp = smtplib.SMTP_SSL(timeout=timeout, context=self.tls_context,
                                     local_hostname=config.smtp_hostname)
         else:
-            smtp = smtplib.SMTP(timeout=config.timeout, local_hostname=config.smtp_hostname)
+            smtp = smtplib.SMTP(timeout=timeout, local_hostname=config.smtp_hostname)
         # smtplib checks the certificate against _host, which only its constructor
         # sets: connect() alone would leave it empty.
         smtp._host = config.relay_host  # type: ignore[attr-defined]
@@ -161,11 +172,17 @@ class UpstreamConnection:
         self.reused = False
         self.discarded = False  # handed to UpstreamPool.discard (closing or closed)
 
-    def open(self) -> None:
-        """Every step of the handshake; UpstreamError saying which failed."""
+    @property
+    def host(self) -> str:
+        """host:port of the server this session is (or was) for."""
+        return host_label(self.config.relay_host, self.config.relay_port)
+
+    def open(self, timeout: float | None = None) -> None:
+        """Every step of the handshake; UpstreamError saying which failed.
+        `timeout`: how long the handshake may take in each step (else TIMEOUT)."""
         config, handshake, step = self.config, self.handshake, "connect"
         try:
-            smtp, code, banner = handshake.connect()
+            smtp, code, banner = handshake.connect(timeout)
             self.smtp = smtp
             if code != 220:
                 raise UpstreamError(f"upstream refused the connection: {code} {banner}")
@@ -181,6 +198,8 @@ class UpstreamConnection:
             if config.relay_username:
                 step = "AUTH"
                 handshake.auth(smtp)
+            if timeout is not None and smtp.sock is not None:
+                smtp.sock.settimeout(config.timeout)  # each later step: TIMEOUT
         except UpstreamError:
             self.close()
             raise
@@ -280,23 +299,47 @@ def describe_error(error: BaseException) -> str:
 LINK_ERRORS = (smtplib.SMTPServerDisconnected, OSError)
 
 
+@dataclasses.dataclass
+class HostState:
+    """What the pool last saw of one host: for failover, /readyz, check, metrics."""
+
+    label: str
+    up: bool | None = None  # None: not tried yet
+    failed_until: float = 0.0  # monotonic: skipped (tried last) until then
+    detail: str = ""
+
+
 class UpstreamPool:
-    """Authenticated upstream sessions kept for reuse.
+    """Authenticated upstream sessions kept for reuse, for one destination: RELAY_*
+    or a route's smart host, each a list of hosts tried in order.
 
     Opening TCP + EHLO + STARTTLS + AUTH costs more than a small message, so sessions are
     returned here after a transaction and handed to the next one. Idle sessions are
     closed after RELAY_POOL_IDLE_SECONDS (before the upstream's own idle timeout) and
     after RELAY_POOL_MAX_MESSAGES messages. The pool never holds more sessions than there
     are client connections, since each client holds at most one.
+
+    Failover (issue #11): a new session tries the hosts in order, all within TIMEOUT;
+    a connect, TLS or AUTH failure, a 421 or a timeout moves on to the next host, and
+    a host that just failed is tried last for HOST_BACKOFF_SECONDS (as Postfix
+    remembers a dead host for a while).
     """
 
+    HOST_BACKOFF_SECONDS = 30.0
+
     def __init__(self, config: Config, executor: concurrent.futures.Executor,
-                 metrics: Metrics):
+                 metrics: Metrics, destination: SmartHost | None = None):
         self.config = config
         self.executor = executor
         self.metrics = metrics
-        self.tls_context = (upstream_tls_context(config)
-                            if config.relay_use_tls or config.relay_use_ssl else None)
+        self.destination = destination or default_destination(config)
+        self.host_configs = [self.destination.host_config(config, host, port)
+                             for host, port in self.destination.hosts]
+        first = self.host_configs[0]
+        self.tls_context = (upstream_tls_context(first)
+                            if first.relay_use_tls or first.relay_use_ssl else None)
+        self.hosts = {host_label(c.relay_host, c.relay_port): HostState(
+            host_label(c.relay_host, c.relay_port)) for c in self.host_configs}
         self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self._background: set[asyncio.Future] = set()
         self._reaper: asyncio.Task | None = None
@@ -316,19 +359,62 @@ class UpstreamPool:
             self.discard(connection)
         return await self.open_new()
 
+    def host_answered(self, label: str) -> None:
+        state = self.hosts.get(label)
+        if state is not None:
+            state.up, state.failed_until, state.detail = True, 0.0, "answered"
+            self.metrics.upstream_host_up.labels(label).set(1)
+
+    def host_failed(self, label: str, detail: str) -> None:
+        """`label` failed (connect, TLS, AUTH, 421, timeout): tried last for a while."""
+        state = self.hosts.get(label)
+        if state is not None:
+            state.up, state.detail = False, detail
+            state.failed_until = time.monotonic() + self.HOST_BACKOFF_SECONDS
+            self.metrics.upstream_host_up.labels(label).set(0)
+
+    def open_first(self) -> UpstreamConnection:
+        """Blocking (a worker thread): a session to the first host that completes the
+        handshake, within TIMEOUT in all. UpstreamError (the last host's reason,
+        every host named) when none does."""
+        deadline = time.monotonic() + self.config.timeout
+        now = time.monotonic()
+        order = sorted(self.host_configs, key=lambda c: self.hosts[
+            host_label(c.relay_host, c.relay_port)].failed_until > now)  # stable
+        failures: list[tuple[str, UpstreamError]] = []
+        for host_config in order:
+            label = host_label(host_config.relay_host, host_config.relay_port)
+            remaining = deadline - time.monotonic()
+            if failures and remaining < 1.0:
+                break  # the client is owed an answer within TIMEOUT
+            connection = UpstreamConnection(host_config, self.tls_context)
+            try:
+                connection.open(timeout=min(self.config.timeout, max(remaining, 1.0))
+                                if len(order) > 1 else None)
+            except UpstreamError as error:
+                self.host_failed(label, error.detail)
+                failures.append((label, error))
+                continue
+            self.host_answered(label)
+            return connection
+        if len(failures) == 1 and len(order) == 1:
+            raise failures[0][1]
+        last = failures[-1][1]
+        raise UpstreamError("; ".join(f"{label}: {error.detail}"
+                                      for label, error in failures), last.reply_key)
+
     async def open_new(self) -> UpstreamConnection:
-        connection = UpstreamConnection(self.config, self.tls_context)
         opening = asyncio.get_running_loop().run_in_executor(self.executor,
-                                                             connection.open)
+                                                             self.open_first)
         try:
-            await asyncio.shield(opening)
+            connection: UpstreamConnection = await asyncio.shield(opening)
         except asyncio.CancelledError:
             # The client left while we connected: the session is still good for others.
             def keep(done: asyncio.Future) -> None:
                 if not done.cancelled() and done.exception() is None:
                     self.metrics.upstream_sessions_opened.inc()
                     self.metrics.upstream_sessions_open.inc()
-                    self.release(connection)
+                    self.release(done.result())
             opening.add_done_callback(keep)
             raise
         self.metrics.upstream_sessions_opened.inc()
@@ -399,14 +485,71 @@ class UpstreamPool:
             await asyncio.wait(list(self._background), timeout=self.config.timeout)
 
 
+def dot_stuffed(body: bytes) -> bytes:
+    """The body as the DATA command carries it (RFC 5321 4.5.2), ending in CRLF."""
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[str],
+             body: bytes) -> tuple[Outcomes, bool]:
+    """One whole upstream transaction, blocking (a worker thread): MAIL, each RCPT,
+    DATA. Returns each recipient's reply, and whether the session is still usable
+    between transactions (False: close it)."""
+    outcomes: Outcomes = {}
+    try:
+        options = [f"SIZE={len(body)}"] if connection.has("size") else []
+        if not body.isascii() and connection.has("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if not (sender.isascii() and all(r.isascii() for r in recipients)):
+            if not connection.has("smtputf8"):
+                refusal = replies.NO_SMTPUTF8
+                return {r: (refusal.code, refusal.format()[4:]) for r in recipients}, True
+            options.append("SMTPUTF8")
+            assert connection.smtp is not None
+            connection.smtp.command_encoding = "utf-8"
+        code, text = connection.command("MAIL", f"FROM:<{sender}>" +
+                                        "".join(" " + o for o in options))
+        if not 200 <= code < 300:
+            return {r: (code, text) for r in recipients}, final_reply(code)
+        accepted = []
+        for recipient in recipients:
+            code, text = connection.command("RCPT", f"TO:<{recipient}>")
+            outcomes[recipient] = (code, text)
+            if 200 <= code < 300:
+                accepted.append(recipient)
+            elif not final_reply(code):
+                raise smtplib.SMTPServerDisconnected(f"{code} {text}")
+        if accepted:
+            sent, code, text = connection.data(dot_stuffed(body))
+            for recipient in accepted:
+                outcomes[recipient] = (code, text)
+            if not final_reply(code):
+                return outcomes, False
+            if sent:
+                return outcomes, True  # the reply after the data ends the transaction
+        code, _ = connection.command("RSET", "")
+        return outcomes, code == 250
+    except (*LINK_ERRORS, smtplib.SMTPException) as error:
+        detail = describe_error(error)
+        for recipient in recipients:
+            if recipient not in outcomes or 200 <= outcomes[recipient][0] < 300:
+                outcomes[recipient] = (0, replies.UPSTREAM_LOST.format(detail=detail))
+        return outcomes, False
+
+
 _MAIL_PARAMETER_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
 
 
 class Transaction:
     """The upstream half of one client transaction: MAIL .. RCPT* .. DATA."""
 
-    def __init__(self, connection: UpstreamConnection, declared_8bit_unsupported: bool):
+    def __init__(self, connection: UpstreamConnection, declared_8bit_unsupported: bool,
+                 pool: UpstreamPool):
         self.connection = connection
+        self.pool = pool  # the destination's pool: the session goes back there
         # BODY=8BITMIME declared, and the upstream lacks 8BITMIME
         self.declared_8bit_unsupported = declared_8bit_unsupported
         self.pending: asyncio.Future | None = None  # the upstream call in a thread
@@ -414,6 +557,62 @@ class Transaction:
         # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
         # reply after the data. Such a session is reset before anyone else uses it.
         self.open = False
+
+
+class UpstreamPools:
+    """One UpstreamPool per smart-host destination (RELAY_* and each route's), made
+    when first needed; and the queue's delivery of one recipient group through one."""
+
+    def __init__(self, config: Config, executor: concurrent.futures.Executor,
+                 metrics: Metrics, default: UpstreamPool | None = None):
+        self.config = config
+        self.executor = executor
+        self.metrics = metrics
+        self.default = default or UpstreamPool(config, executor, metrics)
+        self.pools: dict[SmartHost, UpstreamPool] = {self.default.destination: self.default}
+
+    def get(self, destination: SmartHost | None = None) -> UpstreamPool:
+        if destination is None:
+            return self.default
+        pool = self.pools.get(destination)
+        if pool is None:
+            pool = self.pools[destination] = UpstreamPool(self.config, self.executor,
+                                                          self.metrics, destination)
+        return pool
+
+    async def deliver(self, destination: SmartHost, sender: str,
+                      recipients: Sequence[str], body: bytes
+                      ) -> tuple[Outcomes, dict[str, AttemptInfo]]:
+        """Each recipient's reply from one try through this destination's pool."""
+        pool = self.get(destination)
+        tls = "none" if destination.tls == "none" else (
+            "verified" if destination.verify else "unverified")
+        try:
+            connection = await pool.acquire()
+        except UpstreamError as error:
+            self.metrics.upstream_up.set(0)
+            return ({r: (0, error.reply) for r in recipients},
+                    {r: AttemptInfo(destination.label, "") for r in recipients})
+        info = {r: AttemptInfo(connection.host, tls) for r in recipients}
+        try:
+            outcomes, reusable = await pool.run(transact, connection, sender,
+                                                recipients, body)
+        except BaseException:
+            pool.discard(connection)
+            raise
+        if reusable:
+            connection.messages_sent += 1
+            pool.release(connection)
+        else:
+            pool.discard(connection)
+            if any(code in (0, 421) for code, _ in outcomes.values()):
+                pool.host_failed(connection.host, "the session broke off")
+        reached = any(code for code, _ in outcomes.values())  # any reply at all
+        self.metrics.upstream_up.set(1 if reached else 0)
+        return outcomes, info
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
 
 
 class UpstreamCalls:
@@ -507,7 +706,8 @@ class Forwarder:
             # RSET/QUIT: asyncio's default pool has min(32, cores + 4).
             max_workers=config.max_connections + config.queue_workers + 4,
             thread_name_prefix="upstream")
-        self.pool = UpstreamPool(config, self.executor, metrics)
+        self.pools = UpstreamPools(config, self.executor, metrics)
+        self.pool = self.pools.default  # RELAY_*'s
         self.calls = UpstreamCalls(config.max_connections + 4)
         self.orphans: set[asyncio.Future] = set()  # deliveries whose client left
 
@@ -532,17 +732,20 @@ class Forwarder:
             if future.done():
                 transaction.pending = None
 
-    async def begin(self, session: RelaySession, sender: str, options: list[str]) -> str:
-        """MAIL FROM upstream. On 250 the session holds the transaction."""
+    async def begin(self, session: RelaySession, sender: str, options: list[str],
+                    destination: SmartHost | None = None) -> str:
+        """MAIL FROM upstream (RELAY_*, or the route's `destination`). On 250 the
+        session holds the transaction."""
         declared_8bit = "BODY=8BITMIME" in options
+        pool = self.pools.get(destination)
         for attempt in (1, 2):
             # Waiting on the upstream's connect/TLS/AUTH: not idle. A retry never takes
             # another pooled session: it may be just as stale.
             with session.waiting_on_upstream():
-                connection = await (self.pool.acquire() if attempt == 1
-                                    else self.pool.open_new())
+                connection = await (pool.acquire() if attempt == 1
+                                    else pool.open_new())
             session.transaction = transaction = Transaction(
-                connection, declared_8bit and not connection.has("8bitmime"))
+                connection, declared_8bit and not connection.has("8bitmime"), pool)
             if "SMTPUTF8" in options and not connection.has("smtputf8"):
                 self.finish(session)
                 return replies.NO_SMTPUTF8.format()
@@ -571,10 +774,13 @@ class Forwarder:
                 raise UpstreamError(f"unexpected reply to MAIL: {code} {text}",
                                     "451 4.4.2")
             # The link is gone. A pooled session may simply have gone stale while idle:
-            # the client must not pay for that, so try once more on a fresh one.
-            self.pool.discard(connection)
+            # the client must not pay for that, so try once more on a fresh one. On a
+            # fresh session, the host itself failed (a 421): the next host, if any.
+            pool.discard(connection)
             session.transaction = None
-            if not connection.reused or attempt == 2:
+            if not connection.reused:
+                pool.host_failed(connection.host, text or "closed the connection")
+            if not (connection.reused or len(pool.hosts) > 1) or attempt == 2:
                 raise UpstreamError(text or "upstream closed the connection",
                                     "451 4.4.2")
         raise AssertionError("unreachable")
@@ -650,7 +856,7 @@ class Forwarder:
         """The upstream session is lost or makes no sense: close it now, never reuse
         it. A client transaction on it gets 451 until the client moves on."""
         transaction.broken = True
-        self.pool.discard(transaction.connection)
+        transaction.pool.discard(transaction.connection)
 
     def _end(self, session: RelaySession, transaction: Transaction) -> None:
         """finish(), for this transaction only (connection_lost may have taken it)."""
@@ -665,17 +871,18 @@ class Forwarder:
         if transaction is None:
             return
         session.transaction = None
+        pool = transaction.pool
         if transaction.broken:
-            self.pool.discard(transaction.connection)
+            pool.discard(transaction.connection)
         elif reset or transaction.open or transaction.pending is not None:
-            self.pool.reset_and_release(transaction.connection, transaction.pending)
+            pool.reset_and_release(transaction.connection, transaction.pending)
         else:
-            self.pool.release(transaction.connection)
+            pool.release(transaction.connection)
 
     async def close(self) -> None:
         if self.orphans:  # their outcome is logged before "stopped"
             await asyncio.wait(list(self.orphans), timeout=self.config.timeout)
-        await self.pool.close()
+        await self.pools.close()
         self.calls.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import bcrypt
 from aiosmtpd.smtp import LoginPassword
 
+from relay.routes import parse_destination
 from relay.settings import (
     BCRYPT_HASH,
     DEFAULT_AUTH_PASSWORD,
@@ -32,6 +33,7 @@ from relay.settings import (
 
 if TYPE_CHECKING:
     from relay.policy import DomainList
+    from relay.routes import Destination
     from relay.settings import Config
 
 
@@ -43,6 +45,7 @@ class UserPolicy:
     allowed_from_domains: DomainList
     allowed_to_domains: DomainList
     rate_limit_per_minute: int | None = None  # None: RATE_LIMIT_PER_MINUTE
+    route: Destination | None = None  # None: ROUTES_FILE, then RELAY_*
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ class User:
 
 
 USERS_FILE_FORMAT = ("name:bcrypt-hash[:sender-domains[:recipient-domains"
-                     "[:messages-per-minute]]]")
+                     "[:messages-per-minute[:route]]]]")
 
 
 _USER_NAME = re.compile(r"[^\s:]{1,128}")
@@ -66,10 +69,12 @@ def default_policy(config: Config, name: str = "") -> UserPolicy:
 def parse_users_file(text: str, config: Config) -> dict[str, User]:
     """SMTP_USERS_FILE: one user per line, `#` comments and blank lines ignored:
 
-        name:bcrypt-hash[:sender-domains[:recipient-domains[:messages-per-minute]]]
+        name:bcrypt-hash[:sender-domains[:recipient-domains[:messages-per-minute[:route]]]]
 
     Domain fields are comma lists like ALLOWED_FROM_DOMAINS; an empty or missing field
     falls back to ALLOWED_FROM_DOMAINS / ALLOWED_TO_DOMAINS / RATE_LIMIT_PER_MINUTE.
+    The route (the rest of the line, so a URL's colons need no escaping) is an upstream
+    as in ROUTES_FILE, e.g. smtp://smtp.project.example:2525?tls=none, or mx.
     """
     users: dict[str, User] = {}
     for number, raw in enumerate(text.splitlines(), 1):
@@ -77,10 +82,10 @@ def parse_users_file(text: str, config: Config) -> dict[str, User]:
         if not line or line.startswith("#"):
             continue
         where = f"SMTP_USERS_FILE line {number}"
-        fields = line.split(":")
-        if not 2 <= len(fields) <= 5:
+        fields = line.split(":", 5)
+        if not 2 <= len(fields) <= 6:
             raise ConfigError(f"{where}: expects {USERS_FILE_FORMAT}")
-        name, hashed, senders, recipients, rate = (fields + ["", "", ""])[:5]
+        name, hashed, senders, recipients, rate, route = (fields + ["", "", "", ""])[:6]
         if not _USER_NAME.fullmatch(name):
             raise ConfigError(f"{where}: expects a user name without spaces or colons")
         if name in users:
@@ -97,7 +102,8 @@ def parse_users_file(text: str, config: Config) -> dict[str, User]:
             if senders.strip() else config.allowed_from_domains,
             parse_domain_list(recipients, f"{where} recipient domains")
             if recipients.strip() else config.allowed_to_domains,
-            int(rate) if rate else None)
+            int(rate) if rate else None,
+            parse_destination(route.strip(), f"{where} route") if route.strip() else None)
         users[name] = User(policy, password_hash=hashed.encode("ascii"))
     return users
 

@@ -56,6 +56,7 @@ RELAY_VARIABLES = (
     "QUEUE_MAX_BYTES", "QUEUE_MIN_FREE_BYTES", "BOUNCE_TO", "ARCHIVE", "ARCHIVE_MAX_AGE",
     "ARCHIVE_MAX_MESSAGES", "ARCHIVE_MAX_BYTES", "API_TOKEN", "API_READ_TOKEN",
     "API_TOKEN_FILE", "API_READ_TOKEN_FILE",
+    "ROUTES_FILE", "DNS_RESOLVERS", "MX_PORT", "MX_ALLOW_PRIVATE", "MX_TLS", "MX_MTA_STS",
 )
 
 SENDER = "app@example.com"
@@ -66,9 +67,9 @@ UPSTREAM_USER = "upstream-user"
 UPSTREAM_PASSWORD = "upstream-Pa55"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -166,9 +167,11 @@ class Upstream:
     def __init__(self, *, starttls_context: ssl.SSLContext | None = None,
                  implicit_tls_context: ssl.SSLContext | None = None,
                  require_auth: bool = False, smtputf8: bool = True,
-                 port: int | None = None, handler: UpstreamHandler | None = None):
+                 port: int | None = None, handler: UpstreamHandler | None = None,
+                 host: str = "127.0.0.1", name: str = "localhost"):
         self.handler = handler or UpstreamHandler()
-        self.port = port or free_port()  # a given port: an upstream that comes back
+        self.host = host  # 127.0.0.2-4 too: Linux routes all of 127/8 to loopback
+        self.port = port or free_port(host)  # a given port: an upstream that comes back
         options = {"enable_SMTPUTF8": smtputf8}
         if starttls_context is not None:
             options.update(tls_context=starttls_context, require_starttls=True)
@@ -177,9 +180,9 @@ class Upstream:
             # would never offer AUTH unless told TLS is not required.
             options.update(auth_required=True, authenticator=_upstream_authenticator,
                            auth_require_tls=starttls_context is not None)
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+        self.controller = Controller(self.handler, hostname=host, port=self.port,
                                      ssl_context=implicit_tls_context,
-                                     server_hostname="localhost", ready_timeout=10,
+                                     server_hostname=name, ready_timeout=10,
                                      **options)
         self.controller.start()
 

@@ -1094,6 +1094,8 @@ EXPECTED_FAMILIES = {
     "smtp_relay_queue_committed", "smtp_relay_queue_attempts", "smtp_relay_queue_bounces",
     "smtp_relay_queue_recipients", "smtp_relay_queue_oldest_age_seconds",
     "smtp_relay_upstream_up",
+    # Issue #11: routes and MX delivery.
+    "smtp_relay_upstream_host_up", "smtp_relay_mx_attempts",
 }
 
 

@@ -25,8 +25,10 @@ package, one module per concern: settings (the table of variables), replies, pol
 (pure checks), users (passwords, lock-outs), ratelimit, upstream (the handshake, the
 pooled upstream sessions, the Forwarder), observability (logs and metrics), protocol
 (aiosmtpd's protocol with the relay's overrides, the typed session), operations
-(HTTP, check, demo, hash-password), and the queue: store (SQLite or PostgreSQL),
-delivery (the workers, retries), bounce (RFC 3464 reports) and admin (CLI and API).
+(HTTP, check, demo, hash-password), the queue: store (SQLite or PostgreSQL),
+delivery (the workers, retries), bounce (RFC 3464 reports) and admin (CLI and API),
+and where mail goes: routes (ROUTES_FILE, users' routes, RELAY_HOST lists) and mx
+(direct delivery to recipient domains' MX hosts).
 
 Run `python smtp_relay.py` to serve; `python smtp_relay.py demo` starts the relay in front
 of a local demo upstream that prints what it receives; `check` tries the upstream

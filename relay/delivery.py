@@ -3,7 +3,8 @@ deliver them.
 
 `Queue` is what the SMTP handlers see: `room` (may one more message be stored?) and
 `commit` (a 250 may go out once it returns). Its workers claim due recipients from the
-store, send them through the same upstream pool and rules as synchronous delivery, and
+store, send them through the same upstream pools and rules as synchronous delivery
+(along each recipient's route: relay.routes.Router, one transaction per destination), and
 record each outcome: delivered; deferred, with the next try after a full-jitter
 exponential backoff; failed (a 5xx) or expired (QUEUE_MAX_AGE passed), each with a
 bounce to the sender (itself queued, so it survives a crash too).

@@ -14,10 +14,20 @@ import socket
 import ssl
 import threading
 import time
+import warnings
 from typing import ClassVar
 
 import pytest
-from conftest import RECIPIENT, SENDER, Upstream, free_port, message, try_message
+from aiosmtpd.controller import Controller
+from conftest import (
+    RECIPIENT,
+    SENDER,
+    Upstream,
+    UpstreamHandler,
+    free_port,
+    message,
+    try_message,
+)
 from dns_server import DNSServer
 
 from relay.mx import MXDeliverer, parse_sts_policy
@@ -61,7 +71,8 @@ def mx_port() -> int:
 
 @pytest.fixture(scope="module")
 def mx_tls(ca, tmp_path_factory):
-    """(context for the MX names, context for a name nobody asks for, CA file)."""
+    """(context for the MX names, context for a name nobody asks for, CA file, and
+    (certificate file, key file) for the MX names)."""
     directory = tmp_path_factory.mktemp("mx-certs")
     contexts = []
     for names in (MX_NAMES, ("wrong.test",)):
@@ -70,7 +81,11 @@ def mx_tls(ca, tmp_path_factory):
         contexts.append(context)
     ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    return contexts[0], contexts[1], str(ca_file)
+    pair = ca.issue_cert(*MX_NAMES)
+    cert_file, key_file = directory / "mx.crt", directory / "mx.key"
+    pair.cert_chain_pems[0].write_to_path(str(cert_file))
+    pair.private_key_pem.write_to_path(str(key_file))
+    return contexts[0], contexts[1], str(ca_file), (str(cert_file), str(key_file))
 
 
 @pytest.fixture
@@ -177,6 +192,35 @@ def test_mx_tls_verify_and_encrypt(dns, mx_port, mx_tls, mx_servers):
         .deliver_blocking("dest.test", SENDER, ["a@dest.test"], BODY)
     assert outcomes["a@dest.test"][0] == 250 and info["a@dest.test"].tls == "unverified"
     assert len(wrong_name.messages) == 1 and not no_tls.messages
+
+
+def test_mx_tls_may_retries_in_clear_after_a_failed_handshake(dns, mx_port, mx_tls):
+    """STARTTLS offered, the handshake fails (the server speaks only TLS 1.1, we at
+    least 1.2): Postfix's `may` delivers in clear on a new connection."""
+    dns.add("old.test", "MX", "10 mx1.dest.test.")
+    dns.add("mx1.dest.test", "A", "127.0.0.2")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with warnings.catch_warnings():  # deprecated: which is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.load_cert_chain(*mx_tls[3])
+    handler = UpstreamHandler()
+    controller = Controller(handler, hostname="127.0.0.2", port=mx_port,
+                            tls_context=context, require_starttls=False,
+                            ready_timeout=10)
+    controller.start()
+    try:
+        outcomes, info = deliverer(dns, mx_port, mx_tls[2]).deliver_blocking(
+            "old.test", SENDER, ["a@old.test"], BODY)
+        assert outcomes["a@old.test"][0] == 250, outcomes
+        assert info["a@old.test"].tls == "none"
+        assert len(handler.messages) == 1
+        outcomes, _ = deliverer(dns, mx_port, mx_tls[2], MX_TLS="encrypt") \
+            .deliver_blocking("old.test", SENDER, ["a@old.test"], BODY)
+        assert outcomes["a@old.test"][0] == 451 and "TLS handshake failed" in \
+            outcomes["a@old.test"][1]
+    finally:
+        controller.stop()
 
 
 class PolicyHandler(http.server.BaseHTTPRequestHandler):

@@ -7,6 +7,7 @@ per host, SIGHUP, and the start-up errors. Real upstreams on loopback throughout
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -81,6 +82,18 @@ def test_route_lines_parse_with_the_allowlists_rules(monkeypatch):
                                  "test")
     assert isinstance(failover, SmartHost)
     assert failover.hosts == (("a.example", 25), ("b.example", 2525))
+
+
+def test_the_readmes_routes_example_parses(monkeypatch):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("**Routes.**", 1)[1].split("```\n", 2)[1]
+    monkeypatch.setenv("GMAIL_APP_PASSWORD", "gmail-app-password")
+    monkeypatch.setenv("SES_SMTP_PASSWORD", "ses-password")
+    routes = parse_routes(example)
+    assert [route.kind for route in routes] == ["user", "from", "from", "to", "user"]
+    gmail = routes[0].destination
+    assert isinstance(gmail, SmartHost) and gmail.username == "billing@example.com"
+    assert routes[3].destination is MX
 
 
 @pytest.mark.parametrize(("line", "expected"), [

@@ -145,8 +145,10 @@ class HTTPEndpoint:
     def __init__(self, relay: SMTPRelayServer, api: QueueAPI | None = None):
         self.relay = relay
         self.api = api
-        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool, relay.routes,
-                                        relay.forwarder.pools)
+        # The routes' smart hosts are probed too (a stand-in relay may have none).
+        self.readiness = ReadinessProbe(relay.config, relay.forwarder.pool,
+                                        getattr(relay, "routes", None),
+                                        getattr(relay.forwarder, "pools", None))
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:

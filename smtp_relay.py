@@ -838,6 +838,13 @@ def startup_warnings(config: Config, routes: RouteTable | None = None) -> None:
     if TLS_VERSIONS[config.tls_min_version] < ssl.TLSVersion.TLSv1_2:
         log.warning("TLS_MIN_VERSION=%s: TLS below 1.2 is broken; allow it only for old "
                     "devices that cannot do better.", config.tls_min_version)
+    for destination in (routes.smart_hosts()[1:] if routes is not None else []):
+        if destination.tls == "none":
+            log.warning("A route sends mail to %s in plaintext (tls=none).",
+                        destination.label)
+        elif not destination.verify:
+            log.warning("A route to %s does not verify the certificate (verify=false): "
+                        "anyone on the path can impersonate it.", destination.label)
     if routes is not None and routes.uses_mx() and \
             not hostname_looks_qualified(config.smtp_hostname):
         log.warning("SMTP_HOSTNAME=%s does not look fully qualified: MX hosts that "

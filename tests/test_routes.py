@@ -263,6 +263,18 @@ def test_sighup_rereads_the_routes_file(start, two, tmp_path):
     assert [m.rcpt_tos for m in partner.messages] == [[RECIPIENT]]
 
 
+def test_sighup_in_sync_mode_refuses_routes_that_would_split(start, upstream, tmp_path):
+    routes = tmp_path / "routes"
+    routes.write_text("")
+    relay = start(upstream, ROUTES_FILE=str(routes))
+    routes.write_text("to:partner.example  mx\n")
+    hangup(relay)
+    log = relay.wait_for_log("routes-reload-failed")
+    assert "DELIVERY_MODE" in log
+    assert send(relay).startswith("250")  # the old routes (none) still apply
+    assert len(upstream.messages) == 1
+
+
 # --- check and the start-up errors -----------------------------------------------------
 
 def test_check_tries_each_host_of_each_destination(tmp_path, upstream):

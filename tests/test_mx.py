@@ -327,3 +327,30 @@ def test_the_relay_delivers_by_mx_from_the_queue_one_domain_deferred(
     # An unqualified SMTP_HOSTNAME in MX mode is warned about at start.
     assert "does not look fully qualified" in relay.stderr + relay.log()
     assert RECIPIENT not in log
+
+
+def test_fallback_forwards_the_smart_host_part_and_queues_the_mx_part(
+        start, upstream, dns, mx_port, mx_tls, mx_servers, tmp_path):
+    """fallback with `to:dest.test mx`: the MAIL waits for the first recipient whose
+    route is a smart host (RELAY_HOST here), which gets the message synchronously; the
+    MX recipient goes through the queue."""
+    dns.add("dest.test", "MX", "10 mx2.dest.test.")
+    dns.add("mx2.dest.test", "A", "127.0.0.3")
+    server = mx_servers("127.0.0.3", mx_tls[0])
+    routes = tmp_path / "routes"
+    routes.write_text("to:dest.test  mx\n")
+    relay = start(upstream, DELIVERY_MODE="fallback", ROUTES_FILE=str(routes),
+                  DNS_RESOLVERS=dns.address, MX_PORT=str(mx_port), MX_ALLOW_PRIVATE="true",
+                  RELAY_TLS_CA_FILE=mx_tls[2], ALLOWED_TO_DOMAINS="example.com,dest.test",
+                  QUEUE_URL=f"sqlite:///{tmp_path / 'queue.db'}",
+                  SMTP_HOSTNAME="relay.example.net", BOUNCE_TO="none")
+    client = relay.client()
+    try:
+        reply = try_message(client, message(), ("a@dest.test", RECIPIENT))
+    finally:
+        client.quit()
+    assert reply.startswith("250"), reply
+    relay.wait_for_log("to=a@dest.test attempts=1")
+    assert [m.rcpt_tos for m in upstream.messages] == [[RECIPIENT]]
+    assert [m.rcpt_tos for m in server.messages] == [["a@dest.test"]]
+    assert "does not look fully qualified" not in relay.stderr + relay.log()

@@ -60,7 +60,7 @@ from aiosmtpd.smtp import (
 from relay import replies
 from relay.admin import QueueAPI, queue_command
 from relay.delivery import Queue, queue_message
-from relay.mx import MXDeliverer, hostname_looks_qualified
+from relay.mx import DNSFailure, MXDeliverer, MXSessionPool, hostname_looks_qualified
 from relay.observability import (
     Metrics,
     log,
@@ -101,7 +101,7 @@ from relay.protocol import (
 )
 from relay.ratelimit import RateLimiter, sender_key
 from relay.replies import upstream_reason
-from relay.routes import Router, RouteTable, SmartHost
+from relay.routes import MXDelivery, Router, RouteTable, SmartHost, domain_of
 from relay.settings import (
     AUTH_MECHANISMS,
     DEFAULT_AUTH_PASSWORD,
@@ -113,7 +113,7 @@ from relay.settings import (
     redact_url,
 )
 from relay.store import NewMessage, Store, StoreError
-from relay.upstream import Forwarder, UpstreamError
+from relay.upstream import Forwarder, UpstreamError, UpstreamPool
 from relay.users import (
     AuthGuard,
     PasswordChecker,
@@ -232,9 +232,12 @@ class SMTPRelayHandler:
 
     def __init__(self, config: Config, forwarder: Forwarder, rate_limiter: RateLimiter,
                  metrics: Metrics, queue: Queue | None = None,
-                 routes: RouteTable | None = None):
+                 routes: RouteTable | None = None,
+                 mx_sessions: Callable[[str], UpstreamPool] | None = None):
         self.config = config
         self.routes = routes or RouteTable(config, load=False)  # ROUTES_FILE, users' routes
+        # fallback: sessions to a recipient domain's MX for the synchronous part.
+        self.mx_sessions = mx_sessions
         self.forwarder = forwarder
         self.rate_limiter = rate_limiter
         self.metrics = metrics
@@ -280,7 +283,7 @@ class SMTPRelayHandler:
                                            **{"from": str(sender)})
         session.queue_recipients = []
         session.queue_only = self.mode == "queue"
-        session.pending_mail, session.route = None, None
+        session.pending_mail, session.route, session.route_domain = None, None, ""
         destination = None if session.queue_only else \
             self.routes.at_mail(session.user, str(sender))
         if not session.queue_only and not isinstance(destination, SmartHost):
@@ -348,8 +351,8 @@ class SMTPRelayHandler:
                                            **fields, to=str(recipient))
         refused = None if session.queue_only else \
             await self._route_recipient(session, envelope, str(recipient))
-        if refused is not None:  # the route's upstream refused the sender
-            self.metrics.record_upstream_refusal("sender-refused", refused, session,
+        if refused is not None:  # the route refused the sender, or the domain all mail
+            self.metrics.record_upstream_refusal("recipient-refused", refused, session,
                                                  **fields, address=str(recipient))
             return refused
         if session.queue_only or str(recipient) in session.queue_recipients:
@@ -379,28 +382,41 @@ class SMTPRelayHandler:
 
     async def _route_recipient(self, session: RelaySession, envelope: RelayEnvelope,
                                recipient: str) -> str | None:
-        """fallback with routes by recipient: a recipient whose route is not the smart
-        host the sync part uses (or is mx) waits in the queue (queue_recipients); the
-        first one with a smart-host route begins the upstream transaction. Returns the
-        upstream's refusal of the sender for this recipient, or None."""
+        """fallback with routes by recipient: the first recipient's route (a smart
+        host, or its domain's MX) begins the upstream transaction; a later recipient
+        on another route waits in the queue (queue_recipients), so a message whose
+        recipients share one route is still forwarded synchronously. Returns the
+        refusal for this recipient (the route refused the sender; a domain that
+        takes no mail), or None."""
         if not self.routes.needs_split():
             return None
         destination = self.routes.for_recipient(session.user, envelope.mail_from or "",
                                                 recipient)
+        domain = domain_of(recipient) if isinstance(destination, MXDelivery) else ""
         if session.pending_mail is None:
-            if destination != session.route:
+            if (destination, domain) != (session.route, session.route_domain):
                 session.queue_recipients.append(recipient)
             return None
-        if not isinstance(destination, SmartHost):
-            session.queue_recipients.append(recipient)  # mx: always through the queue
-            return None
         sender, options = session.pending_mail
+        if isinstance(destination, SmartHost):
+            begin = self.forwarder.begin(session, sender, options, destination)
+        elif self.mx_sessions is not None:  # the first recipient's MX, synchronously
+            begin = self.forwarder.begin(session, sender, options,
+                                         pool=self.mx_sessions(domain))
+        else:
+            session.queue_recipients.append(recipient)
+            return None
         try:
-            reply = await self.forwarder.begin(session, sender, options, destination)
+            reply = await begin
         except UpstreamError as error:
             reply = error.reply
+        except DNSFailure as failure:
+            if failure.code >= 500:  # null MX, NXDOMAIN: this recipient, never
+                return f"{failure.code} {failure.text}"
+            reply = f"{failure.code} {failure.text}"
         if reply[:1] == "2":
             session.pending_mail, session.route = None, destination
+            session.route_domain = domain
             return None
         if reply[:1] == "4":  # cannot answer now: the whole message goes to the queue
             log_event(logging.WARNING, "upstream-unavailable", session, stage="MAIL",
@@ -598,8 +614,10 @@ class SMTPRelayServer:
                 config.api_token or config.api_read_token:
             self.queue = Queue(config, open_store(config), self.forwarder.pool,
                                self.metrics, self.router)
-        self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
-                                        self.metrics, self.queue, self.routes)
+        self.handler = SMTPRelayHandler(
+            config, self.forwarder, self.rate_limiter, self.metrics, self.queue,
+            self.routes, lambda domain: MXSessionPool(
+                config, self.forwarder.executor, self.metrics, self.router.mx, domain))
         self.default_policy = default_policy(config)
         self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
         self.authenticator = SMTPAuthHandler(config, self.auth_guard, self.metrics)

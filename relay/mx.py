@@ -42,7 +42,15 @@ import dns.resolver
 
 from relay.observability import log_event
 from relay.routes import AttemptInfo, Outcomes
-from relay.upstream import UpstreamConnection, describe_error, reply_text, transact
+from relay.upstream import (
+    HostState,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    describe_error,
+    reply_text,
+    transact,
+)
 
 if TYPE_CHECKING:
     from relay.observability import Metrics
@@ -349,18 +357,10 @@ class MXDeliverer:
                     {r: AttemptInfo(upstream or f"mx:{domain}", tls) for r in recipients},
                     result)
 
-        policy = self.mta_sts.policy(domain) if self.mta_sts is not None else None
-        enforce = policy is not None and policy.mode == "enforce"
         try:
-            hosts = self.resolver.mx_hosts(domain)
+            hosts, enforce = self._hosts(domain)
         except DNSFailure as failure:
             return everyone(failure.code, failure.text)
-        if enforce:
-            assert policy is not None
-            hosts = [host for host in hosts if policy.allows(host.name)]
-            if not hosts:
-                return everyone(451, f"4.7.5 no MX host of {domain} is listed in its "
-                                     "MTA-STS policy (enforce)")
         failures: list[str] = []
         refused = 0
         for host in hosts:
@@ -388,6 +388,47 @@ class MXDeliverer:
                                  f"{failures[-1]}")
         return everyone(451, f"4.4.1 no MX host of {domain} took the message: "
                              + "; ".join(failures)[:400])
+
+    def _hosts(self, domain: str) -> tuple[list[MXHost], bool]:
+        """The MX hosts to try (those an enforced MTA-STS policy lists), and whether
+        such a policy applies. DNSFailure when there are none."""
+        policy = self.mta_sts.policy(domain) if self.mta_sts is not None else None
+        enforce = policy is not None and policy.mode == "enforce"
+        hosts = self.resolver.mx_hosts(domain)
+        if policy is not None and enforce:
+            hosts = [host for host in hosts if policy.allows(host.name)]
+            if not hosts:
+                raise DNSFailure(451, f"4.7.5 no MX host of {domain} is listed in its "
+                                      "MTA-STS policy (enforce)")
+        return hosts, enforce
+
+    def open_session(self, domain: str) -> UpstreamConnection:
+        """Blocking: a session (after EHLO and TLS as MX_TLS wants) to the first MX
+        host of `domain` that takes one, for fallback's synchronous part. DNSFailure
+        when the domain has no usable host (permanent: null MX, NXDOMAIN, only refused
+        addresses), UpstreamError when none answered."""
+        hosts, enforce = self._hosts(domain)
+        failures, refused = [], 0
+        for host in hosts:
+            for address in host.addresses:
+                if not self.config.mx_allow_private and _is_refused(address, self.own):
+                    refused += 1
+                    failures.append(f"{host.name}[{address}]: refused (MX_ALLOW_PRIVATE)")
+                    continue
+                label = f"{host.name}[{address}]:{self.config.mx_port}"
+                try:
+                    connection, tls = self._open(host.name, address, enforce)
+                except SessionFailed as failure:
+                    failures.append(f"{label}: {failure}")
+                    continue
+                log_event(logging.INFO, "mx-session", domain=domain, host=label, tls=tls)
+                if self.metrics is not None:
+                    self.metrics.mx_attempts.labels("session", tls).inc()
+                return connection
+        if refused and refused == sum(len(host.addresses) for host in hosts):
+            raise DNSFailure(550, f"5.4.4 every MX address of {domain} is refused: "
+                                  f"{failures[-1]}")
+        raise UpstreamError(f"no MX host of {domain} answered: " + "; ".join(failures))
 
     def _connect(self, name: str, address: str) -> UpstreamConnection:
         """TCP, the greeting and EHLO: a session ready for STARTTLS or MAIL."""
@@ -417,6 +458,21 @@ class MXDeliverer:
                  body: bytes, enforce: bool) -> tuple[Outcomes, str]:
         """One host: TLS as MX_TLS (and MTA-STS) want it, then the transaction.
         Returns the outcomes and the TLS outcome (verified, unverified, none)."""
+        connection, tls = self._open(name, address, enforce)
+        try:
+            outcomes, _ = transact(connection, sender, recipients, body)
+        finally:
+            connection.close()
+        codes = [code for code, _ in outcomes.values()]
+        if all(code in (0, 421) for code in codes):
+            detail = next(iter(outcomes.values()))[1]
+            raise SessionFailed(detail or "the session broke off")
+        return outcomes, tls
+
+    def _open(self, name: str, address: str, enforce: bool
+              ) -> tuple[UpstreamConnection, str]:
+        """A session to one MX address with TLS as MX_TLS (and MTA-STS) want it, and
+        the TLS outcome (verified, unverified, none). SessionFailed if it cannot."""
         mode = "verify" if enforce else self.config.mx_tls
         connection = self._connect(name, address)
         tls = "none"
@@ -439,15 +495,7 @@ class MXDeliverer:
             connection.close()
             raise SessionFailed("STARTTLS not offered (MX_TLS=" + mode + (
                 ", MTA-STS enforce)" if enforce else ")"))
-        try:
-            outcomes, _ = transact(connection, sender, recipients, body)
-        finally:
-            connection.close()
-        codes = [code for code, _ in outcomes.values()]
-        if all(code in (0, 421) for code in codes):
-            detail = next(iter(outcomes.values()))[1]
-            raise SessionFailed(detail or "the session broke off")
-        return outcomes, tls
+        return connection, tls
 
     @staticmethod
     def _starttls(connection: UpstreamConnection, context: ssl.SSLContext,
@@ -464,6 +512,27 @@ class MXDeliverer:
         except (smtplib.SMTPException, OSError, ValueError):
             return "failed"
         return outcome
+
+
+class MXSessionPool(UpstreamPool):
+    """The sessions of fallback's synchronous part to one recipient domain's MX: opened
+    as MX delivery opens them (preference order, MX_TLS, MTA-STS), used for one
+    transaction, never pooled (each message looks the MX up again)."""
+
+    def __init__(self, config: Config, executor: concurrent.futures.Executor,
+                 metrics: Metrics, deliverer: MXDeliverer, domain: str):
+        super().__init__(config, executor, metrics)
+        self.deliverer, self.domain = deliverer, domain
+        self.hosts = {f"mx:{domain}": HostState(f"mx:{domain}")}
+
+    def open_first(self) -> UpstreamConnection:
+        return self.deliverer.open_session(self.domain)
+
+    def release(self, connection: UpstreamConnection) -> None:
+        self.discard(connection)
+
+    def _start_reaper(self) -> None:
+        pass  # nothing idles here
 
 
 def hostname_looks_qualified(name: str) -> bool:

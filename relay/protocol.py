@@ -41,7 +41,7 @@ from relay.settings import ConfigError
 from relay.upstream import describe_error
 
 if TYPE_CHECKING:
-    from relay.routes import SmartHost
+    from relay.routes import Destination
     from relay.upstream import Transaction
     from relay.users import UserPolicy
     from smtp_relay import SMTPRelayServer
@@ -85,7 +85,8 @@ class RelaySession(Session):
         # Routes (issue #11), fallback mode: the MAIL not sent upstream yet because the
         # route depends on the recipients (to:, mx); the smart host the sync part uses.
         self.pending_mail: tuple[str, list[str]] | None = None
-        self.route: SmartHost | None = None
+        self.route: Destination | None = None
+        self.route_domain = ""  # for an mx route: the recipient domain it went to
         # Forwarder: the upstream half of the transaction.
         self.transaction: Transaction | None = None
         # RelaySMTP: where the client is in the dialogue.

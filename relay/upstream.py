@@ -733,11 +733,13 @@ class Forwarder:
                 transaction.pending = None
 
     async def begin(self, session: RelaySession, sender: str, options: list[str],
-                    destination: SmartHost | None = None) -> str:
-        """MAIL FROM upstream (RELAY_*, or the route's `destination`). On 250 the
-        session holds the transaction."""
+                    destination: SmartHost | None = None, *,
+                    pool: UpstreamPool | None = None) -> str:
+        """MAIL FROM upstream (RELAY_*, or the route's `destination`, or the sessions
+        of `pool`: relay.mx.MXSessionPool). On 250 the session holds the
+        transaction."""
         declared_8bit = "BODY=8BITMIME" in options
-        pool = self.pools.get(destination)
+        pool = pool or self.pools.get(destination)
         for attempt in (1, 2):
             # Waiting on the upstream's connect/TLS/AUTH: not idle. A retry never takes
             # another pooled session: it may be just as stale.

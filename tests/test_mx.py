@@ -329,28 +329,41 @@ def test_the_relay_delivers_by_mx_from_the_queue_one_domain_deferred(
     assert RECIPIENT not in log
 
 
-def test_fallback_forwards_the_smart_host_part_and_queues_the_mx_part(
+def test_fallback_forwards_one_route_synchronously_and_queues_the_others(
         start, upstream, dns, mx_port, mx_tls, mx_servers, tmp_path):
-    """fallback with `to:dest.test mx`: the MAIL waits for the first recipient whose
-    route is a smart host (RELAY_HOST here), which gets the message synchronously; the
-    MX recipient goes through the queue."""
+    """fallback with `to:dest.test mx`: the MAIL waits for the first recipient; its
+    route (a domain's MX, or RELAY_HOST) gets the message synchronously, recipients
+    on other routes go through the queue. A null-MX domain is refused at RCPT."""
     dns.add("dest.test", "MX", "10 mx2.dest.test.")
     dns.add("mx2.dest.test", "A", "127.0.0.3")
+    dns.add("null.test", "MX", "0 .")
     server = mx_servers("127.0.0.3", mx_tls[0])
     routes = tmp_path / "routes"
-    routes.write_text("to:dest.test  mx\n")
+    routes.write_text("to:dest.test  mx\nto:null.test  mx\n")
     relay = start(upstream, DELIVERY_MODE="fallback", ROUTES_FILE=str(routes),
                   DNS_RESOLVERS=dns.address, MX_PORT=str(mx_port), MX_ALLOW_PRIVATE="true",
-                  RELAY_TLS_CA_FILE=mx_tls[2], ALLOWED_TO_DOMAINS="example.com,dest.test",
+                  RELAY_TLS_CA_FILE=mx_tls[2],
+                  ALLOWED_TO_DOMAINS="example.com,dest.test,null.test",
                   QUEUE_URL=f"sqlite:///{tmp_path / 'queue.db'}",
                   SMTP_HOSTNAME="relay.example.net", BOUNCE_TO="none")
     client = relay.client()
     try:
-        reply = try_message(client, message(), ("a@dest.test", RECIPIENT))
+        reply = try_message(client, message(), ("a@dest.test",))
+        assert reply.startswith("250") and "queued as UP1" in reply, reply  # the MX's
+        reply = try_message(client, message(), ("b@dest.test", RECIPIENT))
+        assert reply.startswith("250"), reply
+        assert try_message(client, message(), (RECIPIENT, "c@dest.test")) \
+            .startswith("250")
+        client.rset()
+        reply = try_message(client, message(), ("a@null.test",))
+        assert reply.startswith("556 5.1.10"), reply
     finally:
         client.quit()
-    assert reply.startswith("250"), reply
-    relay.wait_for_log("to=a@dest.test attempts=1")
-    assert [m.rcpt_tos for m in upstream.messages] == [[RECIPIENT]]
-    assert [m.rcpt_tos for m in server.messages] == [["a@dest.test"]]
+    log = relay.wait_for_log(f"to={RECIPIENT} attempts=1")
+    relay.wait_for_log("to=c@dest.test attempts=1")
+    assert "event=mx-session" in log or " mx-session " in log
+    assert "tls=verified" in log.split(" mx-session ", 1)[1].split("\n")[0]
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == \
+        ["a@dest.test", "b@dest.test", "c@dest.test"]
+    assert [m.rcpt_tos for m in upstream.messages] == [[RECIPIENT], [RECIPIENT]]
     assert "does not look fully qualified" not in relay.stderr + relay.log()

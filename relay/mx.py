@@ -409,18 +409,26 @@ class MXDeliverer:
         addresses), UpstreamError when none answered."""
         hosts, enforce = self._hosts(domain)
         failures, refused = [], 0
+        # A client waits for this: every host within TIMEOUT in all (then the queue).
+        deadline = time.monotonic() + self.config.timeout
         for host in hosts:
             for address in host.addresses:
                 if not self.config.mx_allow_private and _is_refused(address, self.own):
                     refused += 1
                     failures.append(f"{host.name}[{address}]: refused (MX_ALLOW_PRIVATE)")
                     continue
+                remaining = deadline - time.monotonic()
+                if remaining < 1.0:
+                    failures.append("TIMEOUT reached")
+                    break
                 label = f"{host.name}[{address}]:{self.config.mx_port}"
                 try:
-                    connection, tls = self._open(host.name, address, enforce)
+                    connection, tls = self._open(host.name, address, enforce, remaining)
                 except SessionFailed as failure:
                     failures.append(f"{label}: {failure}")
                     continue
+                assert connection.smtp is not None and connection.smtp.sock is not None
+                connection.smtp.sock.settimeout(self.config.timeout)  # MAIL on: TIMEOUT
                 log_event(logging.INFO, "mx-session", domain=domain, host=label, tls=tls)
                 if self.metrics is not None:
                     self.metrics.mx_attempts.labels("session", tls).inc()
@@ -430,10 +438,11 @@ class MXDeliverer:
                                   f"{failures[-1]}")
         raise UpstreamError(f"no MX host of {domain} answered: " + "; ".join(failures))
 
-    def _connect(self, name: str, address: str) -> UpstreamConnection:
+    def _connect(self, name: str, address: str, timeout: float | None = None
+                 ) -> UpstreamConnection:
         """TCP, the greeting and EHLO: a session ready for STARTTLS or MAIL."""
         connection = UpstreamConnection(self.config, None)
-        smtp = smtplib.SMTP(timeout=self.config.timeout,
+        smtp = smtplib.SMTP(timeout=timeout or self.config.timeout,
                             local_hostname=self.config.smtp_hostname)
         smtp._host = name  # type: ignore[attr-defined]  # STARTTLS checks this name
         connection.smtp = smtp
@@ -469,12 +478,13 @@ class MXDeliverer:
             raise SessionFailed(detail or "the session broke off")
         return outcomes, tls
 
-    def _open(self, name: str, address: str, enforce: bool
-              ) -> tuple[UpstreamConnection, str]:
+    def _open(self, name: str, address: str, enforce: bool,
+              timeout: float | None = None) -> tuple[UpstreamConnection, str]:
         """A session to one MX address with TLS as MX_TLS (and MTA-STS) want it, and
-        the TLS outcome (verified, unverified, none). SessionFailed if it cannot."""
+        the TLS outcome (verified, unverified, none). SessionFailed if it cannot.
+        `timeout`: for each step of opening it (else TIMEOUT)."""
         mode = "verify" if enforce else self.config.mx_tls
-        connection = self._connect(name, address)
+        connection = self._connect(name, address, timeout)
         tls = "none"
         assert connection.smtp is not None
         if connection.smtp.has_extn("starttls"):
@@ -483,13 +493,13 @@ class MXDeliverer:
                 connection.close()
                 if mode == "verify":
                     raise SessionFailed("TLS certificate not verified for " + name)
-                connection = self._connect(name, address)
+                connection = self._connect(name, address, timeout)
                 tls = self._starttls(connection, self.any_context, "unverified")
             if tls.startswith("failed"):
                 connection.close()
                 if mode != "may":
                     raise SessionFailed("TLS handshake failed")
-                connection = self._connect(name, address)  # Postfix's may: in clear
+                connection = self._connect(name, address, timeout)  # may: in clear
                 tls = "none"
         elif mode != "may":
             connection.close()

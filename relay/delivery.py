@@ -329,8 +329,11 @@ class Queue:
             code, text = outcomes[recipient.address]
             reply = f"{code} {text}" if code else text
             where = info.get(recipient.address) or AttemptInfo("", "")
-            attempt = Attempt(now, recipient.address, where.upstream, reply,
-                              now - started, where.tls in ("verified", "unverified"))
+            # The API's attempt: the host that answered, and whether its certificate
+            # was verified (tls is then true): "mx.example.net[192.0.2.7]:25 (verified)".
+            encrypted = where.tls in ("verified", "unverified")
+            attempt = Attempt(now, recipient.address, where.upstream + (
+                f" ({where.tls})" if encrypted else ""), reply, now - started, encrypted)
             fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
                                       "to": recipient.address,
                                       "attempts": recipient.attempts + 1, "upstream": reply,

@@ -32,6 +32,7 @@ from dns_server import DNSServer
 
 from relay.mx import MXDeliverer, parse_sts_policy
 from relay.settings import load_config
+from relay.store import Store
 
 MX_NAMES = ("mx1.dest.test", "mx2.dest.test", "mx1.sts.test", "mx2.sts.test",
             "plain.test")
@@ -324,6 +325,23 @@ def test_the_relay_delivers_by_mx_from_the_queue_one_domain_deferred(
     assert "tls=verified" in delivered and "mx2.dest.test[127.0.0.3]" in delivered
     deferred = next(line for line in log.splitlines() if " deferred id=" in line)
     assert "b@down.test" in deferred and "no MX host of down.test" in deferred
+    # The queue's record (the API, `queue show`) names the host and the TLS outcome.
+    queue_id = reply.split()[-1]
+    store = Store.open(f"sqlite:///{tmp_path / 'queue.db'}")
+    try:
+        deadline = time.monotonic() + 10  # the log line comes just before the record
+        while True:
+            record = store.show(queue_id)
+            assert record is not None
+            attempts = {a.recipient: a for a in record.attempts}
+            if len(attempts) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        store.close()
+    assert attempts["a@dest.test"].upstream == \
+        f"mx2.dest.test[127.0.0.3]:{mx_port} (verified)"
+    assert attempts["a@dest.test"].tls and not attempts["b@down.test"].tls
     # An unqualified SMTP_HOSTNAME in MX mode is warned about at start.
     assert "does not look fully qualified" in relay.stderr + relay.log()
     assert RECIPIENT not in log

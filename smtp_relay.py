@@ -57,7 +57,7 @@ from aiosmtpd.smtp import (
 
 from relay import replies
 from relay.admin import QueueAPI, queue_command
-from relay.delivery import Queue, queue_message
+from relay.delivery import Deliverer, DeliveryAgent, Queue, queue_message
 from relay.observability import (
     Metrics,
     log,
@@ -116,6 +116,7 @@ from relay.users import (
     attempted_user,
     default_policy,
 )
+from relay.worker import DeliveryProcess
 
 if TYPE_CHECKING:
     from relay.observability import LogHandler
@@ -533,8 +534,13 @@ class SMTPRelayServer:
         self.queue: Queue | None = None
         if config.delivery_mode != "sync" or config.archive != "off" or \
                 config.api_token or config.api_read_token:
-            self.queue = Queue(config, open_store(config), self.forwarder.pool,
-                               self.metrics)
+            # Queued deliveries run in a process of their own (relay.worker); in sync
+            # mode the queue is only the archive and delivers nothing.
+            deliverer: DeliveryAgent = (
+                DeliveryProcess(config, self.metrics) if config.delivery_mode != "sync"
+                else Deliverer(config, self.forwarder.pool, self.metrics))
+            self.queue = Queue(config, open_store(config), deliverer, self.metrics)
+            self.queue.alone = lambda: len(self.connections) <= 1
         self.handler = SMTPRelayHandler(config, self.forwarder, self.rate_limiter,
                                         self.metrics, self.queue)
         self.default_policy = default_policy(config)
@@ -683,6 +689,8 @@ class SMTPRelayServer:
             except OSError as error:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
         self.reload_tls()
+        if self.queue is not None:
+            self.queue.deliverer.reload()
         try:
             count = self.authenticator.reload(self.config)
         except ConfigError as error:

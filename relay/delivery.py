@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -24,8 +25,8 @@ import random
 import smtplib
 import socket
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay import replies
 from relay.bounce import FailedRecipient, bounce_wanted, build_dsn, is_bounce
@@ -124,16 +125,136 @@ def transact(connection: UpstreamConnection, sender: str, recipients: Sequence[s
         return outcomes, False
 
 
+@dataclasses.dataclass
+class Delivered:
+    """What one try of a claim came to (Deliverer.deliver)."""
+
+    results: list[Result]  # one per recipient, to record
+    failed: list[FailedRecipient]  # failed for good: bounced
+    finished: float  # when the try ended (epoch seconds)
+
+
+class DeliveryAgent(Protocol):
+    """Who makes the tries for the queue's workers: a Deliverer here, or the delivery
+    process (relay.worker) running one."""
+
+    def start(self) -> None: ...
+
+    async def deliver(self, claim: Claim) -> Delivered: ...
+
+    def reload(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def judge(config: Config, metrics: Metrics, claim: Claim, outcomes: Outcomes,
+          started: float) -> Delivered:
+    """What one try's replies mean for each recipient: delivered; failed for good (a
+    5xx, or QUEUE_MAX_AGE passed: bounced); else deferred, with the next try after a
+    full-jitter backoff. One log line and one attempts count per recipient."""
+    tls = config.relay_use_tls or config.relay_use_ssl
+    now = time.time()
+    upstream = f"{config.relay_host}:{config.relay_port}"
+    results, failed = [], []
+    for recipient in claim.recipients:
+        code, text = outcomes[recipient.address]
+        reply = f"{code} {text}" if code else text
+        attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
+        fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
+                                  "to": recipient.address,
+                                  "attempts": recipient.attempts + 1, "upstream": reply}
+        next_attempt = None
+        if 200 <= code < 300:
+            status, result, level = "delivered", "delivered", logging.INFO
+            fields["queued_s"] = round(now - claim.received, 1)
+        elif 500 <= code < 600:
+            status, result, level = "failed", "delivery-failed", logging.ERROR
+        elif now - claim.received >= config.queue_max_age:
+            status, result, level = "failed", "expired", logging.ERROR
+            fields["queued_s"] = round(now - claim.received, 1)
+        else:
+            status, result, level = "deferred", "deferred", logging.WARNING
+            delay = retry_delay(recipient.attempts + 1, config.queue_retry_min,
+                                config.queue_retry_max)
+            next_attempt = now + delay
+            fields["next_attempt_s"] = round(delay, 1)
+        results.append(Result(recipient.address, status, reply, next_attempt, attempt))
+        if status == "failed":
+            failed.append(FailedRecipient(recipient.address, reply,
+                                          expired=result == "expired"))
+        # The metric's result label: delivered, deferred, failed, expired.
+        metrics.queue_attempts.labels(
+            "failed" if result == "delivery-failed" else result).inc()
+        log_event(level, result, **fields)
+    return Delivered(results, failed, now)
+
+
+class DeliveryFailed(Exception):
+    """A try that came to no outcome: the delivery process ended, or raised."""
+
+
+class Deliverer:
+    """One try of a claimed message through the upstream pool: the upstream's replies,
+    each recipient's new status (delivered, deferred with its next try, failed,
+    expired), its log line and the attempts metric. It touches no store: the queue
+    records what it returns."""
+
+    def __init__(self, config: Config, pool: UpstreamPool, metrics: Metrics):
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+
+    def start(self) -> None:
+        """Nothing to start: the pool opens sessions as deliveries need them."""
+
+    def reload(self) -> None:
+        """SIGHUP: nothing of its own to re-read yet."""
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def deliver(self, claim: Claim) -> Delivered:
+        """One try for each of the claim's recipients: what to record, and who failed
+        for good (the queue bounces those). Logs each recipient's outcome."""
+        addresses = [recipient.address for recipient in claim.recipients]
+        started = time.time()
+        outcomes = await self.attempt(claim.sender, addresses, claim.body)
+        return judge(self.config, self.metrics, claim, outcomes, started)
+
+    async def attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
+        """Each recipient's reply from one try through the pool."""
+        try:
+            connection = await self.pool.acquire()
+        except UpstreamError as error:
+            self.metrics.upstream_up.set(0)
+            return {r: (0, error.reply) for r in recipients}
+        try:
+            outcomes, reusable = await self.pool.run(transact, connection, sender,
+                                                     recipients, body)
+        except BaseException:
+            self.pool.discard(connection)
+            raise
+        if reusable:
+            connection.messages_sent += 1
+            self.pool.release(connection)
+        else:
+            self.pool.discard(connection)
+        reached = any(code for code, _ in outcomes.values())  # any reply at all
+        self.metrics.upstream_up.set(1 if reached else 0)
+        return outcomes
+
+
 class Queue:
     """The queue as the relay uses it: commit, room, and the delivery workers."""
 
     POLL_SECONDS = 1.0  # how often the dispatcher looks for due recipients (others' too)
     HOUSEKEEPING_SECONDS = 30.0  # archive retention, the depth gauges
 
-    def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics):
+    def __init__(self, config: Config, store: Store, deliverer: DeliveryAgent,
+                 metrics: Metrics):
         self.config = config
         self.store = store
-        self.pool = pool
+        self.deliverer = deliverer  # makes the tries: see relay.worker
         self.metrics = metrics
         self.committer = GroupCommit(store)
         # Who we are in the store's locks: unique per process, across replicas.
@@ -154,6 +275,10 @@ class Queue:
         self._stopping = False  # stop(): workers finish what they hold, take no more
         self._workers: list[asyncio.Task[None]] = []  # and the dispatcher
         self._housekeeper: asyncio.Task[None] | None = None
+        self._deliverer_started = False  # start(deliver=True): stop() closes it
+        # No other client is sending: commits may skip the writer thread (the server
+        # sets this; see GroupCommit._commit_here).
+        self.alone: Callable[[], bool] = lambda: False
         self.usage = store.usage()  # refreshed by housekeeping and each commit
 
     # --- the SMTP side -----------------------------------------------------------------
@@ -193,7 +318,7 @@ class Queue:
             message.claimed_by = self.name
             message.locked_until = time.time() + self.config.queue_lease_seconds
         try:
-            await self.committer.add(message)
+            await self.committer.add(message, alone=self.alone())
         except BaseException:
             if waiter is not None:
                 self._idle.appendleft(waiter)  # still idle: nothing was stored
@@ -220,6 +345,8 @@ class Queue:
         """The workers and their dispatcher (`deliver`: not for sync mode, whose
         store is only the archive), and the housekeeping."""
         if deliver:
+            self.deliverer.start()
+            self._deliverer_started = True
             self.release_stale_claims()
             for _ in range(self.config.queue_workers):
                 self._workers.append(asyncio.create_task(self._work()))
@@ -271,6 +398,8 @@ class Queue:
             await asyncio.wait(tasks, timeout=5)
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.store.release_claims, self.name)
+        if self._deliverer_started:
+            await self.deliverer.close()
         self.committer.close()
         await asyncio.to_thread(self.store.close)
 
@@ -364,71 +493,22 @@ class Queue:
                     break
 
     async def _deliver(self, claim: Claim) -> None:
-        addresses = [recipient.address for recipient in claim.recipients]
-        started, tls = time.time(), self.config.relay_use_tls or self.config.relay_use_ssl
         renewing = asyncio.create_task(self._renew(claim.id))
+        started = time.time()
         try:
-            outcomes = await self._attempt(claim.sender, addresses, claim.body)
+            delivered = await self.deliverer.deliver(claim)
+        except DeliveryFailed as error:
+            # Whether the upstream got it is unknown: tried again later, as after a
+            # lost link (at least once).
+            delivered = judge(self.config, self.metrics, claim, {
+                recipient.address: (0, replies.UPSTREAM_LOST.format(detail=str(error)))
+                for recipient in claim.recipients}, started)
         finally:
             renewing.cancel()
-        now = time.time()
-        upstream = f"{self.config.relay_host}:{self.config.relay_port}"
-        results, failed = [], []
-        for recipient in claim.recipients:
-            code, text = outcomes[recipient.address]
-            reply = f"{code} {text}" if code else text
-            attempt = Attempt(now, recipient.address, upstream, reply, now - started, tls)
-            fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
-                                      "to": recipient.address,
-                                      "attempts": recipient.attempts + 1, "upstream": reply}
-            next_attempt = None
-            if 200 <= code < 300:
-                status, result, level = "delivered", "delivered", logging.INFO
-                fields["queued_s"] = round(now - claim.received, 1)
-            elif 500 <= code < 600:
-                status, result, level = "failed", "delivery-failed", logging.ERROR
-            elif now - claim.received >= self.config.queue_max_age:
-                status, result, level = "failed", "expired", logging.ERROR
-                fields["queued_s"] = round(now - claim.received, 1)
-            else:
-                status, result, level = "deferred", "deferred", logging.WARNING
-                delay = retry_delay(recipient.attempts + 1, self.config.queue_retry_min,
-                                    self.config.queue_retry_max)
-                next_attempt = now + delay
-                fields["next_attempt_s"] = round(delay, 1)
-            results.append(Result(recipient.address, status, reply, next_attempt, attempt))
-            if status == "failed":
-                failed.append(FailedRecipient(recipient.address, reply,
-                                              expired=result == "expired"))
-            # The metric's result label: delivered, deferred, failed, expired.
-            self.metrics.queue_attempts.labels(
-                "failed" if result == "delivery-failed" else result).inc()
-            log_event(level, result, **fields)
-        if failed:
-            await self._bounce(claim, failed, now)
-        await self.committer.record(self.name, claim.id, results, now)
-
-    async def _attempt(self, sender: str, recipients: list[str], body: bytes) -> Outcomes:
-        """Each recipient's reply from one try through the pool."""
-        try:
-            connection = await self.pool.acquire()
-        except UpstreamError as error:
-            self.metrics.upstream_up.set(0)
-            return {r: (0, error.reply) for r in recipients}
-        try:
-            outcomes, reusable = await self.pool.run(transact, connection, sender,
-                                                     recipients, body)
-        except BaseException:
-            self.pool.discard(connection)
-            raise
-        if reusable:
-            connection.messages_sent += 1
-            self.pool.release(connection)
-        else:
-            self.pool.discard(connection)
-        reached = any(code for code, _ in outcomes.values())  # any reply at all
-        self.metrics.upstream_up.set(1 if reached else 0)
-        return outcomes
+        if delivered.failed:
+            await self._bounce(claim, delivered.failed, delivered.finished)
+        await self.committer.record(self.name, claim.id, delivered.results,
+                                    delivered.finished, alone=self.alone())
 
     async def _renew(self, message_id: str) -> None:
         """Keep the claim while the delivery runs: another relay takes it over only

@@ -266,6 +266,47 @@ def test_group_commit_close_commits_what_waits_then_refuses(store: Store) -> Non
     assert store.usage().messages == 1
 
 
+def test_group_commit_alone_writes_on_the_callers_thread_when_the_writer_is_idle(
+        store: Store) -> None:
+    """A lone client's commit skips the hop to the writer thread (SQLite); with the
+    writer busy it waits its turn there as usual. Either way it is stored on return."""
+    threads: list[str] = []
+    insert = store.insert_in
+    entered, gate = threading.Event(), threading.Event()
+    held = new_message()
+
+    def noting_insert(tx: Any, message: NewMessage, now: float) -> None:
+        threads.append(threading.current_thread().name)
+        if message.id == held.id:
+            entered.set()
+            gate.wait(60)
+        insert(tx, message, now)
+
+    store.insert_in = noting_insert  # type: ignore[method-assign]
+    alone, behind = new_message(), new_message()
+
+    async def main() -> None:
+        group = GroupCommit(store)
+        try:
+            await group.add(alone, alone=True)
+            assert store.show(alone.id) is not None
+            busy = asyncio.ensure_future(group.add(held))
+            assert await asyncio.to_thread(entered.wait, 60)
+            waiting = asyncio.ensure_future(group.add(behind, alone=True))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # behind the writer's batch, not beside it
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(busy, waiting), 60)
+        finally:
+            group.close()
+
+    asyncio.run(main())
+    inline = store.commits_on_callers_thread
+    assert threads[0] == ("MainThread" if inline else "queue-group-commit")
+    assert threads[1:] == ["queue-group-commit"] * 2
+    assert store.show(behind.id) is not None
+
+
 # ---------------------------------------------------------------------------------------
 # claim, renew, record, release_claims
 # ---------------------------------------------------------------------------------------

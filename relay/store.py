@@ -1031,6 +1031,7 @@ class GroupCommit:
     stops the thread; it does not close the store."""
 
     MAX_BATCH = 500
+    RECORD_LINGER = 0.05  # seconds an outcome waits for a message to ride with
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -1038,23 +1039,57 @@ class GroupCommit:
         self._closing = threading.Lock()
         self._closed = False
         self._busy = threading.Lock()  # a batch is being written (writer or caller)
+        # Outcomes waiting to ride with the next message's commit (record(alone=True)),
+        # and the timer that sends them to the writer if no message comes.
+        self._riders: list[_Waiting] = []
+        self._rider_timer: asyncio.TimerHandle | None = None
         self._writer = threading.Thread(target=self._write, name="queue-group-commit",
                                         daemon=True)
         self._writer.start()
 
     async def add(self, message: NewMessage, *, alone: bool = False) -> None:
         """`alone`: no other client is sending now (see _commit_here)."""
-        if not (alone and self._commit_here(message, None)):
-            await self._submit(message, None)
+        riders, self._riders = self._riders, []
+        if alone and self._commit_here(message, riders):
+            return
+        self._send_to_writer(riders)
+        await self._submit(message, None)
 
     async def record(self, worker: str, message_id: str, results: Sequence[Result],
                      now: float, *, alone: bool = False) -> None:
         """Store.record, in the next batch's transaction: a worker's outcome costs
-        no transaction of its own (and, beside new messages, no fsync of its own)."""
+        no transaction of its own (and, beside new messages, no fsync of its own).
+
+        `alone` (SQLite): the outcome rides with the next message's commit on this
+        thread, or goes to the writer after RECORD_LINGER. For a lone client its own
+        transaction came just as its next message did, and held that message up."""
         check_results(results)
         record = (worker, message_id, results, now)
-        if not (alone and self._commit_here(None, record)):
+        if not (alone and self.store.commits_on_callers_thread):
             await self._submit(None, record)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._riders.append(_Waiting(None, loop, future, record))
+        if self._rider_timer is None:
+            self._rider_timer = loop.call_later(self.RECORD_LINGER, self._send_riders)
+        await future
+
+    def _send_riders(self) -> None:
+        self._rider_timer = None
+        riders, self._riders = self._riders, []
+        self._send_to_writer(riders)
+
+    def _send_to_writer(self, riders: list[_Waiting]) -> None:
+        if self._rider_timer is not None and not self._riders:
+            self._rider_timer.cancel()
+            self._rider_timer = None
+        for rider in riders:
+            with self._closing:
+                if self._closed:
+                    _settle(rider.future, StoreError(f"queue {self.store.url} is closed"))
+                else:
+                    self._waiting.put(rider)
 
     async def _submit(self, message: NewMessage | None,
                       record: tuple[str, str, Sequence[Result], float] | None) -> None:
@@ -1067,6 +1102,9 @@ class GroupCommit:
         await future
 
     def close(self) -> None:
+        riders, self._riders = self._riders, []  # outcomes riding: committed first
+        for rider in riders:
+            self._waiting.put(rider)
         with self._closing:
             if self._closed:
                 return
@@ -1108,23 +1146,25 @@ class GroupCommit:
             except RuntimeError:
                 pass  # that caller's event loop is closed: nobody is waiting
 
-    def _commit_here(self, message: NewMessage | None,
-                     record: tuple[str, str, Sequence[Result], float] | None) -> bool:
+    def _commit_here(self, message: NewMessage, riders: list[_Waiting]) -> bool:
         """Write on the caller's thread (the event loop's, which waits for the commit)
         when the writer has nothing to do, instead of handing over. For a client sending
         alone, the hop to the writer thread and back cost more than the write itself
         (about 100 us, and each side waiting for the GIL); with others sending, their
-        commits share the writer's batches instead. False: the writer is busy."""
+        commits share the writer's batches instead. The riders' outcomes go in the same
+        transaction. False: the writer is busy (nothing written)."""
         if not self.store.commits_on_callers_thread or not self._waiting.empty() or \
                 not self._busy.acquire(blocking=False):
             return False
         try:
             if self._closed:
                 raise StoreError(f"queue {self.store.url} is closed")
-            failure = self._write_batch([message] if message is not None else [],
-                                        [record] if record is not None else [])
+            failure = self._write_batch(
+                [message], [rider.record for rider in riders if rider.record is not None])
         finally:
             self._busy.release()
+        for rider in riders:
+            _settle(rider.future, None if failure is None else StoreError(failure))
         if failure is not None:
             raise StoreError(failure)
         return True

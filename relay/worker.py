@@ -94,6 +94,7 @@ class DeliveryProcess:
         self._pending: dict[int, asyncio.Future[Delivered]] = {}  # by request number
         self._numbers = itertools.count(1)
         self._gauge_net: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._bad_metrics: set[str] = set()  # updates that failed (logged once each)
         self._started = asyncio.Event()  # a child is up (set while one runs)
         self._closing = False
 
@@ -196,14 +197,18 @@ class DeliveryProcess:
                     future.set_exception(DeliveryFailed(frame[2]))
 
     def _apply(self, name: str, labels: tuple[str, ...], method: str, value: float) -> None:
-        if method not in ("inc", "dec", "set", "observe"):
-            return
-        metric = getattr(self.metrics, name, None)
-        if metric is None:
-            return
-        if labels:
-            metric = metric.labels(*labels)
-        getattr(metric, method)(value)
+        """One of the child's metric updates, on our Metrics. One that does not fit
+        (a bug) is logged once per metric, and never costs the child its life."""
+        try:
+            metric = getattr(self.metrics, name)
+            if labels:
+                metric = metric.labels(*labels)
+            if method in ("inc", "dec", "set", "observe"):
+                getattr(metric, method)(value)
+        except Exception:  # noqa: BLE001
+            if name not in self._bad_metrics:
+                self._bad_metrics.add(name)
+                log.exception("the delivery process's update of metric %s", name)
 
     async def deliver(self, claim: Claim) -> Delivered:
         await self._started.wait()

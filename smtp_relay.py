@@ -59,7 +59,7 @@ from aiosmtpd.smtp import (
 
 from relay import replies
 from relay.admin import QueueAPI, queue_command
-from relay.delivery import Queue, queue_message
+from relay.delivery import Deliverer, DeliveryAgent, Queue, queue_message
 from relay.mx import DNSFailure, MXDeliverer, MXSessionPool, hostname_looks_qualified
 from relay.observability import (
     Metrics,
@@ -120,6 +120,7 @@ from relay.users import (
     attempted_user,
     default_policy,
 )
+from relay.worker import DeliveryProcess
 
 if TYPE_CHECKING:
     from relay.observability import LogHandler
@@ -612,8 +613,14 @@ class SMTPRelayServer:
         self.queue: Queue | None = None
         if config.delivery_mode != "sync" or config.archive != "off" or \
                 config.api_token or config.api_read_token:
-            self.queue = Queue(config, open_store(config), self.forwarder.pool,
-                               self.metrics, self.router)
+            # Queued deliveries run in a process of their own (relay.worker), which
+            # reads the routes itself; in sync mode the queue is only the archive and
+            # delivers nothing.
+            deliverer: DeliveryAgent = (
+                DeliveryProcess(config, self.metrics) if config.delivery_mode != "sync"
+                else Deliverer(config, self.forwarder.pool, self.metrics, self.router))
+            self.queue = Queue(config, open_store(config), deliverer, self.metrics)
+            self.queue.alone = lambda: len(self.connections) <= 1
         self.handler = SMTPRelayHandler(
             config, self.forwarder, self.rate_limiter, self.metrics, self.queue,
             self.routes, lambda domain: MXSessionPool(
@@ -764,6 +771,8 @@ class SMTPRelayServer:
             except OSError as error:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
         self.reload_tls()
+        if self.queue is not None:
+            self.queue.deliverer.reload()
         try:
             routes = self.router.reload()
         except ConfigError as error:

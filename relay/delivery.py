@@ -18,19 +18,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import random
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
+from relay import replies
 from relay.bounce import FailedRecipient, bounce_wanted, build_dsn, is_bounce
 from relay.mx import MXDeliverer
 from relay.observability import log, log_event
 from relay.protocol import new_message_id
 from relay.routes import AttemptInfo, Router, RouteTable
+from relay.settings import ConfigError
 from relay.store import (
     Attempt,
     Claim,
@@ -67,23 +71,145 @@ def retry_delay(attempts: int, minimum: float, maximum: float,
     return (rng or random).uniform(minimum, max(minimum, ceiling))
 
 
+@dataclasses.dataclass
+class Delivered:
+    """What one try of a claim came to (Deliverer.deliver)."""
+
+    results: list[Result]  # one per recipient, to record
+    failed: list[FailedRecipient]  # failed for good: bounced
+    finished: float  # when the try ended (epoch seconds)
+
+
+class DeliveryAgent(Protocol):
+    """Who makes the tries for the queue's workers: a Deliverer here, or the delivery
+    process (relay.worker) running one."""
+
+    def start(self) -> None: ...
+
+    async def deliver(self, claim: Claim) -> Delivered: ...
+
+    def reload(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def judge(config: Config, metrics: Metrics, claim: Claim, outcomes: Outcomes,
+          started: float, info: dict[str, AttemptInfo] | None = None) -> Delivered:
+    """What one try's replies mean for each recipient: delivered; failed for good (a
+    5xx, or QUEUE_MAX_AGE passed: bounced); else deferred, with the next try after a
+    full-jitter backoff. One log line and one attempts count per recipient. `info`:
+    per recipient, the host that answered and the TLS outcome (relay.routes.Router)."""
+    now = time.time()
+    unknown = AttemptInfo(f"{config.relay_host}:{config.relay_port}", "")
+    results, failed = [], []
+    for recipient in claim.recipients:
+        code, text = outcomes[recipient.address]
+        reply = f"{code} {text}" if code else text
+        where = (info or {}).get(recipient.address) or unknown
+        # The API's attempt: the host that answered, and whether its certificate was
+        # verified (tls is then true): "mx.example.net[192.0.2.7]:25 (verified)".
+        encrypted = where.tls in ("verified", "unverified")
+        attempt = Attempt(now, recipient.address, where.upstream + (
+            f" ({where.tls})" if encrypted else ""), reply, now - started, encrypted)
+        fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
+                                  "to": recipient.address,
+                                  "attempts": recipient.attempts + 1, "upstream": reply,
+                                  "host": where.upstream, "tls": where.tls or "none"}
+        next_attempt = None
+        if 200 <= code < 300:
+            status, result, level = "delivered", "delivered", logging.INFO
+            fields["queued_s"] = round(now - claim.received, 1)
+        elif 500 <= code < 600:
+            status, result, level = "failed", "delivery-failed", logging.ERROR
+        elif now - claim.received >= config.queue_max_age:
+            status, result, level = "failed", "expired", logging.ERROR
+            fields["queued_s"] = round(now - claim.received, 1)
+        else:
+            status, result, level = "deferred", "deferred", logging.WARNING
+            delay = retry_delay(recipient.attempts + 1, config.queue_retry_min,
+                                config.queue_retry_max)
+            next_attempt = now + delay
+            fields["next_attempt_s"] = round(delay, 1)
+        results.append(Result(recipient.address, status, reply, next_attempt, attempt))
+        if status == "failed":
+            failed.append(FailedRecipient(recipient.address, reply,
+                                          expired=result == "expired"))
+        # The metric's result label: delivered, deferred, failed, expired.
+        metrics.queue_attempts.labels(
+            "failed" if result == "delivery-failed" else result).inc()
+        log_event(level, result, **fields)
+    return Delivered(results, failed, now)
+
+
+class DeliveryFailed(Exception):
+    """A try that came to no outcome: the delivery process ended, or raised."""
+
+
+class Deliverer:
+    """One try of a claimed message along its recipients' routes (relay.routes.Router:
+    RELAY_*, a route's smart host, or MX; one transaction per destination): the
+    upstreams' replies, each recipient's new status (delivered, deferred with its next
+    try, failed, expired), its log line and the attempts metric. It touches no store:
+    the queue records what it returns."""
+
+    def __init__(self, config: Config, pool: UpstreamPool, metrics: Metrics,
+                 router: Router | None = None):
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        # Without a router of the caller's: ROUTES_FILE and the users' routes read
+        # here (the delivery process), the pools around `pool`, MX made when needed.
+        self.router = router or Router(
+            RouteTable(config), UpstreamPools(config, pool.executor, metrics, pool),
+            lambda: MXDeliverer(config, pool.executor, metrics))
+
+    def start(self) -> None:
+        """Nothing to start: the pools open sessions as deliveries need them."""
+
+    def reload(self) -> None:
+        """SIGHUP: ROUTES_FILE and the users' routes read again. On an error the
+        routes in use stay (the relay's own reload logs why)."""
+        try:
+            self.router.reload()
+        except ConfigError:
+            pass
+
+    async def close(self) -> None:
+        await self.router.pools.close()
+
+    async def deliver(self, claim: Claim) -> Delivered:
+        """One try for each of the claim's recipients: what to record, and who failed
+        for good (the queue bounces those). Logs each recipient's outcome."""
+        addresses = [recipient.address for recipient in claim.recipients]
+        started = time.time()
+        info: dict[str, AttemptInfo] = {}
+        outcomes = await self.attempt(claim.sender, addresses, claim.body,
+                                      user=claim.user, info=info)
+        return judge(self.config, self.metrics, claim, outcomes, started, info)
+
+    async def attempt(self, sender: str, recipients: list[str], body: bytes, *,
+                      user: str | None = None,
+                      info: dict[str, AttemptInfo] | None = None) -> Outcomes:
+        """Each recipient's reply from one try along its route. `info` gets, per
+        recipient, the host that answered and the TLS outcome."""
+        outcomes, where = await self.router.attempt(user, sender, recipients, body)
+        if info is not None:
+            info.update(where)
+        return outcomes
+
+
 class Queue:
     """The queue as the relay uses it: commit, room, and the delivery workers."""
 
     POLL_SECONDS = 1.0  # how often the dispatcher looks for due recipients (others' too)
     HOUSEKEEPING_SECONDS = 30.0  # archive retention, the depth gauges
 
-    def __init__(self, config: Config, store: Store, pool: UpstreamPool, metrics: Metrics,
-                 router: Router | None = None):
+    def __init__(self, config: Config, store: Store, deliverer: DeliveryAgent,
+                 metrics: Metrics):
         self.config = config
         self.store = store
-        self.pool = pool
+        self.deliverer = deliverer  # makes the tries: see relay.worker
         self.metrics = metrics
-        # Where each recipient goes (issue #11): RELAY_*, a route's smart host, or MX.
-        self.router = router or Router(
-            RouteTable(config, load=False), UpstreamPools(config, pool.executor, metrics,
-                                                          pool),
-            lambda: MXDeliverer(config, pool.executor, metrics))
         self.committer = GroupCommit(store)
         # Who we are in the store's locks: unique per process, across replicas.
         self.host, self.pid = socket.gethostname(), os.getpid()
@@ -103,6 +229,10 @@ class Queue:
         self._stopping = False  # stop(): workers finish what they hold, take no more
         self._workers: list[asyncio.Task[None]] = []  # and the dispatcher
         self._housekeeper: asyncio.Task[None] | None = None
+        self._deliverer_started = False  # start(deliver=True): stop() closes it
+        # No other client is sending: commits may skip the writer thread (the server
+        # sets this; see GroupCommit._commit_here).
+        self.alone: Callable[[], bool] = lambda: False
         self.usage = store.usage()  # refreshed by housekeeping and each commit
 
     # --- the SMTP side -----------------------------------------------------------------
@@ -142,7 +272,7 @@ class Queue:
             message.claimed_by = self.name
             message.locked_until = time.time() + self.config.queue_lease_seconds
         try:
-            await self.committer.add(message)
+            await self.committer.add(message, alone=self.alone())
         except BaseException:
             if waiter is not None:
                 self._idle.appendleft(waiter)  # still idle: nothing was stored
@@ -170,6 +300,8 @@ class Queue:
         """The workers and their dispatcher (`deliver`: not for sync mode, whose
         store is only the archive), and the housekeeping."""
         if deliver:
+            self.deliverer.start()
+            self._deliverer_started = True
             self.release_stale_claims()
             for _ in range(self.config.queue_workers):
                 self._workers.append(asyncio.create_task(self._work()))
@@ -221,6 +353,8 @@ class Queue:
             await asyncio.wait(tasks, timeout=5)
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.store.release_claims, self.name)
+        if self._deliverer_started:
+            await self.deliverer.close()
         self.committer.close()
         await asyncio.to_thread(self.store.close)
 
@@ -314,67 +448,22 @@ class Queue:
                     break
 
     async def _deliver(self, claim: Claim) -> None:
-        addresses = [recipient.address for recipient in claim.recipients]
-        started = time.time()
         renewing = asyncio.create_task(self._renew(claim.id))
-        info: dict[str, AttemptInfo] = {}
+        started = time.time()
         try:
-            outcomes = await self._attempt(claim.sender, addresses, claim.body,
-                                           user=claim.user, info=info)
+            delivered = await self.deliverer.deliver(claim)
+        except DeliveryFailed as error:
+            # Whether the upstream got it is unknown: tried again later, as after a
+            # lost link (at least once).
+            delivered = judge(self.config, self.metrics, claim, {
+                recipient.address: (0, replies.UPSTREAM_LOST.format(detail=str(error)))
+                for recipient in claim.recipients}, started)
         finally:
             renewing.cancel()
-        now = time.time()
-        results, failed = [], []
-        for recipient in claim.recipients:
-            code, text = outcomes[recipient.address]
-            reply = f"{code} {text}" if code else text
-            where = info.get(recipient.address) or AttemptInfo("", "")
-            # The API's attempt: the host that answered, and whether its certificate
-            # was verified (tls is then true): "mx.example.net[192.0.2.7]:25 (verified)".
-            encrypted = where.tls in ("verified", "unverified")
-            attempt = Attempt(now, recipient.address, where.upstream + (
-                f" ({where.tls})" if encrypted else ""), reply, now - started, encrypted)
-            fields: dict[str, Any] = {"id": claim.id, "from": claim.sender,
-                                      "to": recipient.address,
-                                      "attempts": recipient.attempts + 1, "upstream": reply,
-                                      "host": where.upstream, "tls": where.tls or "none"}
-            next_attempt = None
-            if 200 <= code < 300:
-                status, result, level = "delivered", "delivered", logging.INFO
-                fields["queued_s"] = round(now - claim.received, 1)
-            elif 500 <= code < 600:
-                status, result, level = "failed", "delivery-failed", logging.ERROR
-            elif now - claim.received >= self.config.queue_max_age:
-                status, result, level = "failed", "expired", logging.ERROR
-                fields["queued_s"] = round(now - claim.received, 1)
-            else:
-                status, result, level = "deferred", "deferred", logging.WARNING
-                delay = retry_delay(recipient.attempts + 1, self.config.queue_retry_min,
-                                    self.config.queue_retry_max)
-                next_attempt = now + delay
-                fields["next_attempt_s"] = round(delay, 1)
-            results.append(Result(recipient.address, status, reply, next_attempt, attempt))
-            if status == "failed":
-                failed.append(FailedRecipient(recipient.address, reply,
-                                              expired=result == "expired"))
-            # The metric's result label: delivered, deferred, failed, expired.
-            self.metrics.queue_attempts.labels(
-                "failed" if result == "delivery-failed" else result).inc()
-            log_event(level, result, **fields)
-        if failed:
-            await self._bounce(claim, failed, now)
-        await self.committer.record(self.name, claim.id, results, now)
-
-    async def _attempt(self, sender: str, recipients: list[str], body: bytes, *,
-                       user: str | None = None,
-                       info: dict[str, AttemptInfo] | None = None) -> Outcomes:
-        """Each recipient's reply from one try along its route (relay.routes.Router:
-        one transaction per destination). `info` gets, per recipient, the host that
-        answered and the TLS outcome."""
-        outcomes, where = await self.router.attempt(user, sender, recipients, body)
-        if info is not None:
-            info.update(where)
-        return outcomes
+        if delivered.failed:
+            await self._bounce(claim, delivered.failed, delivered.finished)
+        await self.committer.record(self.name, claim.id, delivered.results,
+                                    delivered.finished, alone=self.alone())
 
     async def _renew(self, message_id: str) -> None:
         """Keep the claim while the delivery runs: another relay takes it over only

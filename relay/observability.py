@@ -182,10 +182,17 @@ class LogHandler(logging.Handler):
         except Exception:  # noqa: BLE001 (a logging failure must never break a delivery)
             self.handleError(record)
             return
+        self._queue([line])
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Lines formatted elsewhere (the delivery process), written as if logged here."""
+        self._queue(lines)
+
+    def _queue(self, lines: list[str]) -> None:
         assert self.lock is not None  # Handler.__init__ made it
         with self.lock:
-            self._pending.append(line)
-            batch = len(self._pending) > 1
+            batch = bool(self._pending)
+            self._pending.extend(lines)
         loop = self._loop
         if loop is not None and threading.get_ident() == self._loop_thread and \
                 not loop.is_closed():
@@ -228,6 +235,16 @@ class LogHandler(logging.Handler):
     def close(self) -> None:
         self.flush()
         super().close()
+
+
+def write_formatted_lines(lines: list[str]) -> None:
+    """Log lines formatted by the delivery process, through our LogHandler (stderr if
+    there is none: a relay run in-process without setup_logging)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogHandler):
+            handler.write_lines(lines)
+            return
+    sys.stderr.write("".join(lines))
 
 
 def setup_logging(config: Config) -> LogHandler:

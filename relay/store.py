@@ -276,6 +276,9 @@ class Store(ABC):
     LOCK_ROWS = ""
     # The claim's lock: a message another relay is claiming is skipped, not waited for.
     LOCK_ROWS_SKIP = ""
+    # GroupCommit may commit on the event loop's thread when nothing else is written
+    # (a local file: the loop waits one fsync). Not over a network (PostgreSQL).
+    commits_on_callers_thread: ClassVar[bool] = False
 
     def __init__(self, url: str, archive: str) -> None:
         self.url = redact_url(url)
@@ -782,6 +785,7 @@ class SQLiteStore(Store):
     DDL_TYPES: ClassVar[dict[str, str]] = {"real": "REAL", "blob": "BLOB", "bool": "INTEGER",
                  "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"}
     BUSY_TIMEOUT = 30.0               # seconds a writer waits for another process
+    commits_on_callers_thread = True
 
     def __init__(self, url: str, *, archive: str = "off") -> None:
         super().__init__(url, archive)
@@ -1029,25 +1033,65 @@ class GroupCommit:
     stops the thread; it does not close the store."""
 
     MAX_BATCH = 500
+    RECORD_LINGER = 0.05  # seconds an outcome waits for a message to ride with
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._waiting: queue.SimpleQueue[_Waiting | None] = queue.SimpleQueue()
         self._closing = threading.Lock()
         self._closed = False
+        self._busy = threading.Lock()  # a batch is being written (writer or caller)
+        # Outcomes waiting to ride with the next message's commit (record(alone=True)),
+        # and the timer that sends them to the writer if no message comes.
+        self._riders: list[_Waiting] = []
+        self._rider_timer: asyncio.TimerHandle | None = None
         self._writer = threading.Thread(target=self._write, name="queue-group-commit",
                                         daemon=True)
         self._writer.start()
 
-    async def add(self, message: NewMessage) -> None:
+    async def add(self, message: NewMessage, *, alone: bool = False) -> None:
+        """`alone`: no other client is sending now (see _commit_here)."""
+        riders, self._riders = self._riders, []
+        if alone and self._commit_here(message, riders):
+            return
+        self._send_to_writer(riders)
         await self._submit(message, None)
 
     async def record(self, worker: str, message_id: str, results: Sequence[Result],
-                     now: float) -> None:
+                     now: float, *, alone: bool = False) -> None:
         """Store.record, in the next batch's transaction: a worker's outcome costs
-        no transaction of its own (and, beside new messages, no fsync of its own)."""
+        no transaction of its own (and, beside new messages, no fsync of its own).
+
+        `alone` (SQLite): the outcome rides with the next message's commit on this
+        thread, or goes to the writer after RECORD_LINGER. For a lone client its own
+        transaction came just as its next message did, and held that message up."""
         check_results(results)
-        await self._submit(None, (worker, message_id, results, now))
+        record = (worker, message_id, results, now)
+        if not (alone and self.store.commits_on_callers_thread):
+            await self._submit(None, record)
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._riders.append(_Waiting(None, loop, future, record))
+        if self._rider_timer is None:
+            self._rider_timer = loop.call_later(self.RECORD_LINGER, self._send_riders)
+        await future
+
+    def _send_riders(self) -> None:
+        self._rider_timer = None
+        riders, self._riders = self._riders, []
+        self._send_to_writer(riders)
+
+    def _send_to_writer(self, riders: list[_Waiting]) -> None:
+        if self._rider_timer is not None and not self._riders:
+            self._rider_timer.cancel()
+            self._rider_timer = None
+        for rider in riders:
+            with self._closing:
+                if self._closed:
+                    _settle(rider.future, StoreError(f"queue {self.store.url} is closed"))
+                else:
+                    self._waiting.put(rider)
 
     async def _submit(self, message: NewMessage | None,
                       record: tuple[str, str, Sequence[Result], float] | None) -> None:
@@ -1060,6 +1104,9 @@ class GroupCommit:
         await future
 
     def close(self) -> None:
+        riders, self._riders = self._riders, []  # outcomes riding: committed first
+        for rider in riders:
+            self._waiting.put(rider)
         with self._closing:
             if self._closed:
                 return
@@ -1089,11 +1136,47 @@ class GroupCommit:
                 return
 
     def _commit(self, batch: list[_Waiting]) -> None:
+        with self._busy:
+            failure = self._write_batch(
+                [waiting.message for waiting in batch if waiting.message is not None],
+                [waiting.record for waiting in batch if waiting.record is not None])
+        for waiting in batch:
+            # Each caller raises its own exception object: they run concurrently.
+            outcome = None if failure is None else StoreError(failure)
+            try:
+                waiting.loop.call_soon_threadsafe(_settle, waiting.future, outcome)
+            except RuntimeError:
+                pass  # that caller's event loop is closed: nobody is waiting
+
+    def _commit_here(self, message: NewMessage, riders: list[_Waiting]) -> bool:
+        """Write on the caller's thread (the event loop's, which waits for the commit)
+        when the writer has nothing to do, instead of handing over. For a client sending
+        alone, the hop to the writer thread and back cost more than the write itself
+        (about 100 us, and each side waiting for the GIL); with others sending, their
+        commits share the writer's batches instead. The riders' outcomes go in the same
+        transaction. False: the writer is busy (nothing written)."""
+        if not self.store.commits_on_callers_thread or not self._waiting.empty() or \
+                not self._busy.acquire(blocking=False):
+            return False
+        try:
+            if self._closed:
+                raise StoreError(f"queue {self.store.url} is closed")
+            failure = self._write_batch(
+                [message], [rider.record for rider in riders if rider.record is not None])
+        finally:
+            self._busy.release()
+        for rider in riders:
+            _settle(rider.future, None if failure is None else StoreError(failure))
+        if failure is not None:
+            raise StoreError(failure)
+        return True
+
+    def _write_batch(self, messages: list[NewMessage],
+                     records: list[tuple[str, str, Sequence[Result], float]]) -> str | None:
+        """One transaction for these adds and records; what went wrong, or None."""
         failure: str | None = None
-        messages = [waiting.message for waiting in batch if waiting.message is not None]
         # Outcomes in message-id order: every writer locks rows in that order.
-        records = sorted((waiting.record for waiting in batch if waiting.record is not None),
-                         key=lambda record: record[1])
+        records = sorted(records, key=lambda record: record[1])
         try:
             # Durable when it holds a new message (an fsync); outcomes alone need not be.
             with self.store.transaction(write=True, durable=bool(messages)) as tx:
@@ -1106,10 +1189,4 @@ class GroupCommit:
             failure = str(error)
         except Exception as error:  # noqa: BLE001 - every caller must hear of it
             failure = f"queue {self.store.url}: {type(error).__name__}: {error}"
-        for waiting in batch:
-            # Each caller raises its own exception object: they run concurrently.
-            outcome = None if failure is None else StoreError(failure)
-            try:
-                waiting.loop.call_soon_threadsafe(_settle, waiting.future, outcome)
-            except RuntimeError:
-                pass  # that caller's event loop is closed: nobody is waiting
+        return failure

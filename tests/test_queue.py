@@ -334,7 +334,9 @@ def test_queue_cli_lists_and_retries(start, down_upstream):
 
     listing = cli("list", "--status", "deferred")
     assert listing.returncode == 0, listing.stderr
-    assert queue_id in listing.stdout
+    # Recorded just after its log line (the outcome may ride with the next commit).
+    wait_until(lambda: queue_id in cli("list", "--status", "deferred").stdout,
+               what="the deferral in the list")
     down_upstream.start()
     assert cli("retry", queue_id).returncode == 0
     wait_until(lambda: subjects(down_upstream) == ["via the cli"], what="the retry")
@@ -410,9 +412,12 @@ def test_the_relay_serves_the_queue_api_with_its_tokens(start, down_upstream):
 
     assert call("/messages", None)[0] == 401
     assert call("/messages", "wrong")[0] == 401
-    status, body = call("/messages?status=deferred", "read-token-456")
+    status, _ = call("/messages?status=deferred", "read-token-456")
     assert status == 200
-    assert [m["id"] for m in json.loads(body)["messages"]] == [queue_id]
+    # The outcome is recorded just after its log line (it may ride with the next commit).
+    wait_until(lambda: [m["id"] for m in json.loads(
+        call("/messages?status=deferred", "read-token-456")[1])["messages"]] == [queue_id],
+        what="the deferral in the store")
     assert call(f"/messages/{queue_id}/raw", "read-token-456")[0] == 403
     status, raw = call(f"/messages/{queue_id}/raw", "admin-token-123")
     assert status == 200 and b"Subject: over the api" in raw

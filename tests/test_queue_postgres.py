@@ -45,6 +45,9 @@ def test_two_relays_share_one_queue_and_deliver_each_message_once(start, postgre
         assert match, reply
         ids.append(match.group(1))
     handler = UpstreamHandler()
+    # Slow enough that one relay's three workers cannot drain all 30 before the other
+    # relay's dispatcher looks again (it polls once a second).
+    handler.stall["DATA"] = 0.15
     upstream = Upstream(port=port, handler=handler)
     try:
         deadline = time.monotonic() + 60

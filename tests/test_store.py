@@ -6,6 +6,7 @@ one backend runs on both, through the `open_store` fixture.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import sqlite3
 import subprocess
@@ -264,6 +265,90 @@ def test_group_commit_close_commits_what_waits_then_refuses(store: Store) -> Non
 
     asyncio.run(main())
     assert store.usage().messages == 1
+
+
+def test_group_commit_alone_outcome_rides_with_the_next_message(store: Store) -> None:
+    """record(alone=True) (SQLite): committed in the next add's transaction, or by the
+    writer after RECORD_LINGER when no message comes; stored either way on return."""
+    first, second = new_message(), new_message()
+    store.add([first, second])
+    claims = store.claim("worker-1", time.time(), 30, 2)
+    per_transaction: list[tuple[int, int]] = []  # (adds, records) per transaction
+    write_batch = GroupCommit._write_batch
+
+    def counting(group: GroupCommit, messages: list[NewMessage], records: list) -> Any:
+        per_transaction.append((len(messages), len(records)))
+        return write_batch(group, messages, records)
+
+    def delivered(claim: Any) -> list[Result]:
+        now = time.time()
+        return [Result(recipient.address, "delivered", "250 ok", None,
+                       Attempt(now, recipient.address, "up:25", "250 ok", 0.01, False))
+                for recipient in claim.recipients]
+
+    async def main() -> None:
+        group = GroupCommit(store)
+        group._write_batch = functools.partial(counting, group)  # type: ignore[method-assign]
+        try:
+            riding = asyncio.ensure_future(group.record(
+                "worker-1", claims[0].id, delivered(claims[0]), time.time(), alone=True))
+            await asyncio.sleep(0)
+            assert not riding.done()
+            await group.add(new_message(), alone=True)
+            await asyncio.sleep(0)  # the record() coroutine returns on the next turn
+            assert riding.done() and riding.exception() is None
+            # No message comes: the writer takes it after the linger.
+            await asyncio.wait_for(group.record("worker-1", claims[1].id,
+                                                delivered(claims[1]), time.time(),
+                                                alone=True), 30)
+        finally:
+            group.close()
+
+    asyncio.run(main())
+    assert store.show(first.id) is None and store.show(second.id) is None
+    if store.commits_on_callers_thread:
+        assert per_transaction == [(1, 1), (0, 1)]
+
+
+def test_group_commit_alone_writes_on_the_callers_thread_when_the_writer_is_idle(
+        store: Store) -> None:
+    """A lone client's commit skips the hop to the writer thread (SQLite); with the
+    writer busy it waits its turn there as usual. Either way it is stored on return."""
+    threads: list[str] = []
+    insert = store.insert_in
+    entered, gate = threading.Event(), threading.Event()
+    held = new_message()
+
+    def noting_insert(tx: Any, message: NewMessage, now: float) -> None:
+        threads.append(threading.current_thread().name)
+        if message.id == held.id:
+            entered.set()
+            gate.wait(60)
+        insert(tx, message, now)
+
+    store.insert_in = noting_insert  # type: ignore[method-assign]
+    alone, behind = new_message(), new_message()
+
+    async def main() -> None:
+        group = GroupCommit(store)
+        try:
+            await group.add(alone, alone=True)
+            assert store.show(alone.id) is not None
+            busy = asyncio.ensure_future(group.add(held))
+            assert await asyncio.to_thread(entered.wait, 60)
+            waiting = asyncio.ensure_future(group.add(behind, alone=True))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # behind the writer's batch, not beside it
+            gate.set()
+            await asyncio.wait_for(asyncio.gather(busy, waiting), 60)
+        finally:
+            group.close()
+
+    asyncio.run(main())
+    inline = store.commits_on_callers_thread
+    assert threads[0] == ("MainThread" if inline else "queue-group-commit")
+    assert threads[1:] == ["queue-group-commit"] * 2
+    assert store.show(behind.id) is not None
 
 
 # ---------------------------------------------------------------------------------------

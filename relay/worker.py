@@ -7,7 +7,7 @@ log line) delayed the next client's reply. In a child the deliveries run on the 
 core; the acceptor keeps the store, the claims and the records.
 
 The split: the parent's queue workers claim messages and record outcomes exactly as
-before; only `Deliverer.deliver(claim)` (one try through an upstream pool, the
+before; only `Deliverer.deliver(claim)` (one try along the recipients' routes, the
 outcome table, the log lines) runs in the child. `DeliveryProcess` is the parent's
 side: it has the same `deliver` as a `Deliverer`.
 

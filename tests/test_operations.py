@@ -1094,6 +1094,8 @@ EXPECTED_FAMILIES = {
     "smtp_relay_queue_committed", "smtp_relay_queue_attempts", "smtp_relay_queue_bounces",
     "smtp_relay_queue_recipients", "smtp_relay_queue_oldest_age_seconds",
     "smtp_relay_upstream_up",
+    # Issue #12: replicas.
+    "smtp_relay_rate_limit_storage_errors", "smtp_relay_draining",
 }
 
 

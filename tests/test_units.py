@@ -88,10 +88,10 @@ def test_auth_refused_inside_a_transaction_and_when_locked_out():
 
     async def go() -> tuple[Any, Any, Any]:
         session = await new_session()
-        inside = handler.refusal(session, in_transaction=True)
-        before = handler.refusal(session, in_transaction=False)
+        inside = await handler.refusal(session, in_transaction=True)
+        before = await handler.refusal(session, in_transaction=False)
         await handler.authenticate(session, "PLAIN", LoginPassword(USER.encode(), b"x"))
-        return inside, before, handler.refusal(session, in_transaction=False)
+        return inside, before, await handler.refusal(session, in_transaction=False)
 
     inside, before, locked = run(go())
     assert inside == ("503 5.5.1 AUTH not permitted during a mail transaction", False)
@@ -256,8 +256,10 @@ def test_connection_checker_refuses_outsiders_and_marks_trusted_clients():
             outsider, member, trusted = (await new_session("192.0.2.1"),
                                          await new_session("10.0.0.7"),
                                          await new_session("10.1.2.3"))
-            return (server.connection_refusal(outsider), server.connection_refusal(member),
-                    server.connection_refusal(trusted), member.trusted, trusted.trusted,
+            return (await server.connection_refusal(outsider),
+                    await server.connection_refusal(member),
+                    await server.connection_refusal(trusted), member.trusted,
+                    trusted.trusted,
                     trusted.policy, server.metrics)
         finally:
             await server.forwarder.close()

@@ -160,6 +160,7 @@ class SMTPAuthHandler:
         self.guard = guard  # failed AUTH per address: the lock-out (maybe in Redis)
         self.metrics = metrics
         self.passwords = PasswordChecker(config, executor)  # the users and their check
+        self._counting: set[asyncio.Future[None]] = set()  # failures of clients gone
 
     @property
     def users(self) -> dict[str, User]:
@@ -191,6 +192,17 @@ class SMTPAuthHandler:
         session.credentials = None
         return None
 
+    def _count_failure_later(self, address: str) -> None:
+        """guard.failed(address) in a task of its own (the caller is being cancelled)."""
+        async def count() -> None:
+            try:
+                await self.guard.failed(address)
+            except StorageUnavailable:
+                pass
+        task = asyncio.ensure_future(count())
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
     @staticmethod
     def take_credentials(session: RelaySession) -> tuple[str, Any] | None:
         """What __call__ captured during aiosmtpd's exchange (None: aiosmtpd already
@@ -201,23 +213,17 @@ class SMTPAuthHandler:
     async def authenticate(self, session: RelaySession, mechanism: str,
                            credentials: Any) -> Verdict:
         """Check the credentials; on success the session gets its user and policy."""
-        # Counted as a failure before the check and taken back if it succeeds: a client
-        # that leaves during the check (bcrypt runs on) is still counted.
-        try:
-            counted = await self.guard.failed(session.peer_ip)
-        except StorageUnavailable:  # RATE_LIMIT_FAILURE=closed: guesses uncounted
-            return self.metrics.record(replies.LIMITS_UNAVAILABLE, session,
-                                       stage="AUTH"), False
+        # A failure is counted once the check says so, never before: clients of one
+        # address checked at the same time (an application's workers, replicas behind
+        # one NAT) must not lock it out between them while their checks run. A client
+        # that leaves during its check (bcrypt runs on) is counted all the same.
         try:
             user = await self.passwords.verify(mechanism, credentials, session.peer_ip)
         except asyncio.CancelledError:
             log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
+            self._count_failure_later(session.peer_ip)
             raise
         if user is not None:
-            try:
-                await self.guard.succeeded(session.peer_ip, counted)
-            except StorageUnavailable:  # closed: the failure stays counted
-                pass
             session.authenticated = True
             session.user = user.policy.name
             session.auth_data = user.policy.name
@@ -227,8 +233,8 @@ class SMTPAuthHandler:
                 False
         self.metrics.auth.labels("failure").inc()
         try:
-            locked_now = await self.guard.is_locked(session.peer_ip)
-        except StorageUnavailable:
+            locked_now = await self.guard.failed(session.peer_ip)
+        except StorageUnavailable:  # closed, and Redis went down during the check
             locked_now = False
         reply = self.metrics.record(replies.AUTH_FAILED, session, mechanism=mechanism,
                                     attempted_user=attempted_user(mechanism, credentials))

@@ -259,6 +259,7 @@ class RelaySMTP(SMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     _unsent = b""  # reply lines kept for the next write (see push)
+    _awaiting_proxy = False  # reading the PROXY header (PROXY_PROTOCOL)
     _in_group = False  # answering RSET, MAIL or RCPT
 
     smtp_RSET = _answered_in_groups(SMTP.smtp_RSET)  # smtp_MAIL: see below
@@ -273,10 +274,18 @@ class RelaySMTP(SMTP):
         session, _ = self.current()
         server = self._relay_server
         if server.config.proxy_protocol and not self.implicit_tls:
-            proxy = await read_proxy_header(server, self.client, self._reader)
+            self._awaiting_proxy = True  # the idle timer waits: the header has its own
+            try:
+                proxy = await read_proxy_header(server, self.client, self._reader)
+            except asyncio.CancelledError:  # aiosmtpd's eof_received: the peer left
+                self._close_silently()
+                raise
+            finally:
+                self._awaiting_proxy = False
             if proxy is None:
                 self._close_silently()
                 return
+            self._reset_timeout()  # the client's idle time starts now
             session.proxy_data = proxy
             if not server.claim_address(self, self.client.peer_ip):
                 self.over_ip_limit = True
@@ -286,6 +295,22 @@ class RelaySMTP(SMTP):
             return
         self._greeted_at = time.monotonic()
         await super()._handle_client()
+
+    def _before_proxy_header(self) -> bool:
+        return (self._relay_server.config.proxy_protocol and not self.implicit_tls
+                and self.session is not None and self.session.proxy_data is None)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels its handler at EOF; one cancelled before it began to read
+        # the PROXY header would leave the connection open until the idle timer.
+        if self._before_proxy_header() and not self._awaiting_proxy:
+            self._drop_before_header("closed before a whole PROXY header")
+        return super().eof_received()
+
+    def _drop_before_header(self, reason: str) -> None:
+        log_event(logging.WARNING, "proxy-header-invalid", peer=self.client.peer_ip,
+                  reason=reason, then="dropped")
+        self._close_silently()
 
     def _close_silently(self) -> None:
         transport = self.transport
@@ -544,6 +569,11 @@ class RelaySMTP(SMTP):
         # aiosmtpd's timer counts from the last command and then drops the connection
         # without a word. A client waiting for the upstream is not idle, nor is one
         # still sending DATA; an idle one is told why it is disconnected.
+        if self._awaiting_proxy:  # read_proxy_header's own deadline drops it, silently
+            return
+        if self._before_proxy_header():  # (never began to read it)
+            self._drop_before_header("no PROXY header in time")
+            return
         session = self.session
         now = time.monotonic()
         idle = now - (session.active_at if session is not None else 0.0)
@@ -642,6 +672,10 @@ async def read_proxy_header(server: SMTPRelayServer, client: Client,
         error = "no PROXY header in time"
     except (asyncio.IncompleteReadError, ConnectionError):
         error = "closed before a whole PROXY header"
+    except asyncio.CancelledError:  # aiosmtpd cancels its handler at the peer's EOF
+        log_event(logging.WARNING, "proxy-header-invalid", peer=client.via,
+                  reason="closed before a whole PROXY header", then="dropped")
+        raise
     else:
         if not proxy.valid:
             error = proxy.error or "not a PROXY header"

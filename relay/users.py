@@ -197,13 +197,9 @@ class AuthGuard:
     async def is_locked(self, address: str) -> bool:
         return self.locked(address)
 
-    async def failed(self, address: str) -> object:
-        """record_failure; the token to give `succeeded` when the check passes."""
-        self.record_failure(address)
-        return None
-
-    async def succeeded(self, address: str, token: object) -> None:
-        self.withdraw(address)
+    async def failed(self, address: str) -> bool:
+        """record_failure: True when this failure locks the address out."""
+        return self.record_failure(address)
 
     def withdraw(self, address: str) -> None:
         """Take back a failure counted before its check (record_failure): the
@@ -253,14 +249,6 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
 end
 return 0
 """
-    WITHDRAW = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-end
-return 0
-"""
-
     def __init__(self, client: Any, outage: StorageOutage, max_failures: int,
                  window: float):
         self.client = client  # redis.asyncio.Redis (limits' own, see storage_client)
@@ -269,7 +257,6 @@ return 0
         self.window_ms = max(1, int(window * 1000))
         self.local = AuthGuard(max_failures, window)  # while Redis is down (open)
         self._fail = client.register_script(self.FAIL)
-        self._withdraw = client.register_script(self.WITHDRAW)
 
     @staticmethod
     def _keys(address: str) -> list[str]:
@@ -295,25 +282,14 @@ return 0
             lambda: self.client.exists(self._keys(address)[1]))
         return bool(count) if shared else self.local.locked(address)
 
-    async def failed(self, address: str) -> object:
+    async def failed(self, address: str) -> bool:
+        """Count one failure; True when it locks the address out."""
         if self.max_failures <= 0:
-            return None
-        member = f"{time.time():.6f}/{secrets.token_hex(4)}"
-        shared, _ = await self._shared(lambda: self._fail(
+            return False
+        member = f"{time.time():.6f}/{secrets.token_hex(4)}"  # unique: one per failure
+        shared, locked = await self._shared(lambda: self._fail(
             keys=self._keys(address), args=[self.window_ms, self.max_failures, member]))
-        if shared:
-            return member
-        self.local.record_failure(address)
-        return None  # counted here: succeeded() takes it back here
-
-    async def succeeded(self, address: str, token: object) -> None:
-        if self.max_failures <= 0:
-            return
-        if token is None:
-            self.local.withdraw(address)
-            return
-        await self._shared(lambda: self._withdraw(
-            keys=self._keys(address), args=[token, self.max_failures]))
+        return bool(locked) if shared else self.local.record_failure(address)
 
 
 LockOuts = AuthGuard | SharedAuthGuard

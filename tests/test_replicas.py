@@ -479,12 +479,27 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_message(cluster):
 
 
 def test_the_scale_compose_file_and_its_haproxy_config_agree():
+    """docker-compose.scale.yml: HAProxy (mode tcp, send-proxy-v2, leastconn, /readyz
+    checks) trusted by two relays that share Redis and PostgreSQL."""
+    import yaml
+
+    from relay.settings import load_config
     project = Path(SMTP_RELAY).parent
-    compose = (project / "docker-compose.scale.yml").read_text()
+    compose = yaml.safe_load((project / "docker-compose.scale.yml").read_text())
     config = (project / "deploy" / "haproxy.cfg").read_text()
     for needed in ("mode tcp", "send-proxy-v2", "balance leastconn",
-                   "option httpchk GET /readyz"):
+                   "option httpchk GET /readyz", "http-check expect status 200",
+                   "server relay1 relay1:1025", "server relay2 relay2:1025"):
         assert needed in config, needed
-    for needed in ("haproxy", "redis", "postgres", "PROXY_PROTOCOL", "RATE_LIMIT_STORAGE",
-                   "QUEUE_URL", "relay1", "relay2"):
-        assert needed in compose, needed
+    services = compose["services"]
+    assert {"haproxy", "relay1", "relay2", "redis", "postgres"} <= set(services)
+    balancer = services["haproxy"]["networks"]["relays"]["ipv4_address"]
+    assert any("haproxy.cfg" in volume for volume in services["haproxy"]["volumes"])
+    for name in ("relay1", "relay2"):
+        settings = load_config({k: str(v) for k, v in
+                                services[name]["environment"].items()})
+        assert settings.proxy_protocol and settings.rate_limit_storage.startswith("redis")
+        assert settings.queue_url.startswith("postgresql://")
+        assert settings.delivery_mode in ("queue", "fallback")
+        assert [str(n) for n in settings.proxy_trusted_networks] == [f"{balancer}/32"]
+        assert settings.http_port == 8080  # haproxy.cfg's `check port 8080`

@@ -308,6 +308,7 @@ class RelaySMTP(SMTP):
         return super().eof_received()
 
     def _drop_before_header(self, reason: str) -> None:
+        self._relay_server.metrics.connections_refused.labels("proxy_header").inc()
         log_event(logging.WARNING, "proxy-header-invalid", peer=self.client.peer_ip,
                   reason=reason, then="dropped")
         self._close_silently()
@@ -680,6 +681,7 @@ async def read_proxy_header(server: SMTPRelayServer, client: Client,
         if not proxy.valid:
             error = proxy.error or "not a PROXY header"
     if error:
+        server.metrics.connections_refused.labels("proxy_header").inc()
         log_event(logging.WARNING, "proxy-header-invalid", peer=client.via,
                   reason=error, then="dropped")
         return None

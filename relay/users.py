@@ -186,8 +186,8 @@ class AuthGuard:
         failures.append(now)
         if len(failures) < self.max_failures:
             return False
-        # The failures stay (until they age out): withdraw() may take one back. They
-        # are all older than the window when the lock-out ends, so none counts again.
+        # The failures stay until they age out: all older than the window when the
+        # lock-out ends, so none counts again.
         self._locked_until[address] = now + self.window
         return True
 
@@ -200,18 +200,6 @@ class AuthGuard:
     async def failed(self, address: str) -> bool:
         """record_failure: True when this failure locks the address out."""
         return self.record_failure(address)
-
-    def withdraw(self, address: str) -> None:
-        """Take back a failure counted before its check (record_failure): the
-        credentials were right. A lock-out it completed is lifted too."""
-        failures = self._failures.get(address)
-        if not failures:
-            return
-        failures.pop()
-        if len(failures) < self.max_failures:
-            self._locked_until.pop(address, None)
-        if not failures:
-            del self._failures[address]
 
     def _forget_before(self, oldest: float) -> None:
         for address in [a for a, f in self._failures.items() if f[-1] < oldest]:

@@ -405,10 +405,6 @@ class Config:
                                          "recipients per minute per user; 0 = off")
     rate_limit_storage: str = setting("RATE_LIMIT_STORAGE", URL(), "memory://",
                                       "where the counters live: a `limits` storage URI")
-    rate_limit_failure: str = setting(
-        "RATE_LIMIT_FAILURE", Choice("open", "closed"), "open",
-        "when RATE_LIMIT_STORAGE cannot be reached: open (relay, unlimited) or closed "
-        "(451 4.3.0)")
     allowed_client_networks: tuple[Network, ...] = setting(
         "ALLOWED_CLIENT_NETWORKS", Networks(), (),
         "CIDR list of client addresses that may connect at all")
@@ -423,6 +419,10 @@ class Config:
     check_header_from: bool = setting(
         "CHECK_HEADER_FROM", Boolean(), False,
         "also require the From: header's domains to be allowed")
+    rate_limit_failure: str = setting(
+        "RATE_LIMIT_FAILURE", Choice("open", "closed"), "open",
+        "when RATE_LIMIT_STORAGE cannot be reached: open (relay, unlimited) or closed "
+        "(451 4.3.0)")
     # Durable delivery (the queue).
     delivery_mode: str = setting(
         "DELIVERY_MODE", Choice(*DELIVERY_MODES), "sync",

@@ -99,7 +99,7 @@ from relay.protocol import (
     listening_port,
     new_message_id,
 )
-from relay.ratelimit import RateLimiter, sender_key
+from relay.ratelimit import RateLimiter, StorageUnavailable, sender_key, storage_client
 from relay.replies import upstream_reason
 from relay.routes import MXDelivery, Router, RouteTable, SmartHost, domain_of
 from relay.settings import (
@@ -116,7 +116,9 @@ from relay.store import NewMessage, Store, StoreError
 from relay.upstream import Forwarder, UpstreamError, UpstreamPool
 from relay.users import (
     AuthGuard,
+    LockOuts,
     PasswordChecker,
+    SharedAuthGuard,
     attempted_user,
     default_policy,
 )
@@ -156,12 +158,13 @@ class SMTPAuthHandler:
     users.PasswordChecker's.
     """
 
-    def __init__(self, config: Config, guard: AuthGuard, metrics: Metrics,
+    def __init__(self, config: Config, guard: LockOuts, metrics: Metrics,
                  executor: concurrent.futures.Executor | None = None):
         self.config = config
-        self.guard = guard  # failed AUTH per address: the lock-out
+        self.guard = guard  # failed AUTH per address: the lock-out (maybe in Redis)
         self.metrics = metrics
         self.passwords = PasswordChecker(config, executor)  # the users and their check
+        self._counting: set[asyncio.Future[None]] = set()  # failures of clients gone
 
     @property
     def users(self) -> dict[str, User]:
@@ -176,16 +179,33 @@ class SMTPAuthHandler:
         session.credentials = (mechanism, auth_data)
         return AuthResult(success=False, handled=True)  # authenticate() answers
 
-    def refusal(self, session: RelaySession, in_transaction: bool) -> Verdict | None:
+    async def refusal(self, session: RelaySession, in_transaction: bool
+                      ) -> Verdict | None:
         """Before the exchange: may this client try AUTH now?"""
         if in_transaction:
             # RFC 4954 section 4; a trusted client that began MAIL without AUTH would
             # otherwise mix two policies in one transaction.
             return self.metrics.record(replies.AUTH_IN_TRANSACTION, session), False
-        if self.guard.locked(session.peer_ip):
+        try:
+            locked = await self.guard.is_locked(session.peer_ip)
+        except StorageUnavailable:  # RATE_LIMIT_FAILURE=closed
+            return self.metrics.record(replies.LIMITS_UNAVAILABLE, session,
+                                       stage="AUTH"), False
+        if locked:
             return self.metrics.record(replies.LOCKED_OUT, session), True
         session.credentials = None
         return None
+
+    def _count_failure_later(self, address: str) -> None:
+        """guard.failed(address) in a task of its own (the caller is being cancelled)."""
+        async def count() -> None:
+            try:
+                await self.guard.failed(address)
+            except StorageUnavailable:
+                pass
+        task = asyncio.ensure_future(count())
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
 
     @staticmethod
     def take_credentials(session: RelaySession) -> tuple[str, Any] | None:
@@ -197,16 +217,17 @@ class SMTPAuthHandler:
     async def authenticate(self, session: RelaySession, mechanism: str,
                            credentials: Any) -> Verdict:
         """Check the credentials; on success the session gets its user and policy."""
-        # Counted as a failure before the check and taken back if it succeeds: a client
-        # that leaves during the check (bcrypt runs on) is still counted.
-        self.guard.record_failure(session.peer_ip)
+        # A failure is counted once the check says so, never before: clients of one
+        # address checked at the same time (an application's workers, replicas behind
+        # one NAT) must not lock it out between them while their checks run. A client
+        # that leaves during its check (bcrypt runs on) is counted all the same.
         try:
             user = await self.passwords.verify(mechanism, credentials, session.peer_ip)
         except asyncio.CancelledError:
             log_event(logging.DEBUG, "auth-abandoned", session, mechanism=mechanism)
+            self._count_failure_later(session.peer_ip)
             raise
         if user is not None:
-            self.guard.withdraw(session.peer_ip)
             session.authenticated = True
             session.user = user.policy.name
             session.auth_data = user.policy.name
@@ -215,7 +236,10 @@ class SMTPAuthHandler:
             return self.metrics.record(replies.AUTH_OK, session, mechanism=mechanism), \
                 False
         self.metrics.auth.labels("failure").inc()
-        locked_now = self.guard.locked(session.peer_ip)
+        try:
+            locked_now = await self.guard.failed(session.peer_ip)
+        except StorageUnavailable:  # closed, and Redis went down during the check
+            locked_now = False
         reply = self.metrics.record(replies.AUTH_FAILED, session, mechanism=mechanism,
                                     attempted_user=attempted_user(mechanism, credentials))
         # A pause before each "no" slows guessing; it blocks only this client.
@@ -277,8 +301,14 @@ class SMTPRelayHandler:
             return self.metrics.record(replies.SENDER_DOMAIN, session,
                                        address=str(sender), domain=sender.domain)
         if self.rate_limiter.message_limits(policy.rate_limit_per_minute):
-            limit = await self.rate_limiter.check_message(
-                sender_key(session), policy.rate_limit_per_minute)
+            try:
+                limit = await self.rate_limiter.check_message(
+                    sender_key(session), policy.rate_limit_per_minute)
+            except StorageUnavailable:  # logged once per outage; open: no limit now
+                if self.rate_limiter.outage.closed:
+                    return self.metrics.record(replies.LIMITS_UNAVAILABLE, session,
+                                               stage="MAIL", **{"from": str(sender)})
+                limit = None
             if limit is not None:
                 return self.metrics.record(replies.RATE_LIMITED, session, **limit,
                                            **{"from": str(sender)})
@@ -346,7 +376,13 @@ class SMTPRelayHandler:
             return self.metrics.record(replies.RECIPIENT_DOMAIN, session, **fields,
                                        address=str(recipient), domain=recipient.domain)
         if self.rate_limiter.recipient_limit is not None:
-            limit = await self.rate_limiter.check_recipient(sender_key(session))
+            try:
+                limit = await self.rate_limiter.check_recipient(sender_key(session))
+            except StorageUnavailable:
+                if self.rate_limiter.outage.closed:
+                    return self.metrics.record(replies.LIMITS_UNAVAILABLE, session,
+                                               stage="RCPT", **fields, to=str(recipient))
+                limit = None
             if limit is not None:
                 return self.metrics.record(replies.RATE_LIMITED, session, **limit,
                                            **fields, to=str(recipient))
@@ -605,7 +641,7 @@ class SMTPRelayServer:
         self.metrics = Metrics()
         self.metrics.connections_open.set_function(lambda: len(self.connections))
         self.forwarder = Forwarder(config, self.metrics)
-        self.rate_limiter = RateLimiter(config)
+        self.rate_limiter = RateLimiter(config, metrics=self.metrics)
         # ROUTES_FILE and the users' routes; a split in sync mode is a ConfigError here.
         self.routes = RouteTable(config)
         self.router = Router(self.routes, self.forwarder.pools, lambda: MXDeliverer(
@@ -626,7 +662,13 @@ class SMTPRelayServer:
             self.routes, lambda domain: MXSessionPool(
                 config, self.forwarder.executor, self.metrics, self.router.mx, domain))
         self.default_policy = default_policy(config)
-        self.auth_guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
+        # Lock-outs live where the rate limits do: in a shared Redis, every replica's.
+        redis = storage_client(self.rate_limiter.storage)
+        self.auth_guard: LockOuts = (
+            SharedAuthGuard(redis, self.rate_limiter.outage, config.auth_max_failures,
+                            config.auth_failure_window) if redis is not None
+            else AuthGuard(config.auth_max_failures, config.auth_failure_window))
+        self.draining = False  # SIGTERM: /readyz says 503, the listeners are closed
         self.authenticator = SMTPAuthHandler(config, self.auth_guard, self.metrics)
         self.tls_context = (inbound_tls_context(config)
                             if config.use_tls or config.smtps_port is not None else None)
@@ -675,15 +717,13 @@ class SMTPRelayServer:
         self.connections.add(protocol)
         return SMTPSAcceptor(self, protocol) if implicit_tls else protocol
 
-    def claim_address(self, protocol: RelaySMTP, transport: asyncio.BaseTransport
-                      ) -> bool:
-        """Count the connection for its address (MAX_CONNECTIONS_PER_IP, once per
-        connection); False when that puts the address over the cap."""
+    def claim_address(self, protocol: RelaySMTP, address: str) -> bool:
+        """Count the connection for the client's address (MAX_CONNECTIONS_PER_IP, once
+        per connection; behind a proxy, once its header named the client); False when
+        that puts the address over the cap."""
         limit = self.config.max_connections_per_ip
         if not limit or protocol.claimed_ip is not None:
             return not protocol.over_ip_limit
-        peer = transport.get_extra_info("peername")
-        address = peer[0] if isinstance(peer, tuple) else str(peer)
         protocol.claimed_ip = address
         self._per_ip[address] += 1
         protocol.over_ip_limit = self._per_ip[address] > limit
@@ -696,24 +736,37 @@ class SMTPRelayServer:
                                    reason="MAX_CONNECTIONS_PER_IP reached",
                                    limit=self.config.max_connections_per_ip)
 
-    def connection_refusal(self, session: RelaySession, over_ip_limit: bool = False
-                           ) -> str | None:
+    def proxy_source_allowed(self, peer: str) -> bool:
+        """PROXY_PROTOCOL: may this peer (the socket's) send a PROXY header? Anyone
+        outside PROXY_TRUSTED_NETWORKS could claim any address: dropped, one line."""
+        address = ip_of(peer)
+        if address is not None and any(address in network for network in
+                                       self.config.proxy_trusted_networks):
+            return True
+        self.metrics.connections_refused.labels("proxy_untrusted").inc()
+        log_event(logging.WARNING, "proxy-untrusted", peer=peer,
+                  reason="not in PROXY_TRUSTED_NETWORKS", then="dropped")
+        return False
+
+    async def connection_refusal(self, session: RelaySession, over_ip_limit: bool = False
+                                 ) -> str | None:
         """The connection checker, before the greeting: None to serve this client,
         else the reply. It decides, once per connection, whether the client is
         trusted (session.client.trusted_policy)."""
-        try:
-            address = ipaddress.ip_address(session.peer_ip.split("%")[0])
-        except ValueError:  # not an IP peer (a Unix socket): nothing to match
+        address = ip_of(session.peer_ip)
+        if address is None:  # not an IP peer (a Unix socket): nothing to match
             return None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         networks = self.config.allowed_client_networks
         if networks and not any(address in network for network in networks):
             return self.metrics.record(replies.CLIENT_NOT_ALLOWED, session,
                                        reason="not in ALLOWED_CLIENT_NETWORKS")
         if over_ip_limit:
             return self.refused_over_ip_limit(session, session.peer_ip)
-        if self.auth_guard.locked(session.peer_ip):
+        try:
+            locked = await self.auth_guard.is_locked(session.peer_ip)
+        except StorageUnavailable:  # closed: AUTH will say 451; trusted clients go on
+            locked = False
+        if locked:
             return self.metrics.record(replies.LOCKED_OUT, session,
                                        reason="locked out after failed logins")
         if any(address in network for network in self.config.trusted_networks):
@@ -817,14 +870,18 @@ class SMTPRelayServer:
         return listening_port(self._servers[1])
 
     async def stop(self) -> None:
-        """Stop accepting; let deliveries in flight finish (bounded by TIMEOUT)."""
+        """The drain (SIGTERM): stop accepting at once; a client between messages is
+        told 421 and let go, a message begun (MAIL accepted) may finish, then the
+        queue's deliveries: each bounded by TIMEOUT."""
+        self.draining = True
+        self.metrics.draining.set(1)
         for listener in self._servers:
             listener.close()
         deadline = time.monotonic() + self.config.timeout
         while time.monotonic() < deadline:
             for protocol in list(self.connections):
                 protocol.say_goodbye()
-            if not any(p.in_flight for p in self.connections):
+            if not any(p.in_transaction for p in self.connections):
                 break
             await asyncio.sleep(0.05)
         for protocol in list(self.connections):
@@ -833,6 +890,18 @@ class SMTPRelayServer:
         if self.queue is not None:  # its workers use the upstream pool
             await self.queue.stop()
         await self.forwarder.close()
+
+
+def ip_of(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as an ip_address (IPv4-mapped IPv6 as IPv4), None if it is
+    not an IP address."""
+    try:
+        address = ipaddress.ip_address(peer.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def open_store(config: Config) -> Store:
@@ -904,11 +973,15 @@ async def serve(config: Config, *, ready: Callable[[SMTPRelayServer], Any] | Non
         if ready is not None:
             await ready(server)
         await stop.wait()
+        # The drain: /readyz answers 503 from now on (a load balancer sends new
+        # clients elsewhere) and stays up until the sessions and deliveries are done.
+        server.draining = True
         log_event(logging.INFO, "stopping", in_flight=sum(
-            1 for p in server.connections if p.in_flight))
+            1 for p in server.connections if p.in_transaction),
+            sessions=len(server.connections))
+        await server.stop()
         if http is not None:
             http.close()
-        await server.stop()
         log_event(logging.INFO, "stopped")
     finally:
         if log_handler is not None:

@@ -272,6 +272,10 @@ def setup_logging(config: Config) -> LogHandler:
     # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
     library = logging.getLogger("mail.log")
     library.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
+    # Its PROXY parser warns on "mail.debug" about each bad header; the relay writes
+    # its own line (proxy-header-invalid) instead.
+    logging.getLogger("mail.debug").setLevel(
+        logging.DEBUG if config.log_level == "DEBUG" else logging.ERROR)
     if not any(isinstance(f, HideAuthData) for f in library.filters):
         library.addFilter(HideAuthData())
     return handler
@@ -407,6 +411,14 @@ class Metrics:
             "smtp_relay_mx_attempts", "MX deliveries of one recipient domain, by outcome "
             "(delivered, deferred, failed) and TLS (verified, unverified, none).",
             ["result", "tls"], registry=registry)
+        # Per replica, like every metric here: Prometheus sums the replicas.
+        self.rate_limit_storage_errors = prometheus_client.Counter(
+            "smtp_relay_rate_limit_storage_errors",
+            "Checks of rate limits or lock-outs that could not reach "
+            "RATE_LIMIT_STORAGE.", registry=registry)
+        self.draining = prometheus_client.Gauge(
+            "smtp_relay_draining", "1 from SIGTERM on: /readyz answers 503 and the "
+            "listeners accept no new connection.", registry=registry)
 
     def queue_observe(self, stats: dict[str, Any]) -> None:
         """The depth gauges, from Store.stats."""

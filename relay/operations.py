@@ -251,10 +251,14 @@ class HTTPEndpoint:
         if method not in ("GET", "HEAD"):
             return 405, text, b"GET only\n"
         if path == "/healthz":
+            if self.relay.draining:  # alive, finishing its sessions: not to be killed
+                return 200, text, b"ok: draining (SIGTERM), the listeners are closed\n"
             if self.relay.serving:
                 return 200, text, b"ok: the SMTP listener accepts connections\n"
             return 503, text, b"the SMTP listener is down\n"
         if path == "/readyz":
+            if self.relay.draining:
+                return 503, text, b"draining: shutting down, no new connections\n"
             ready, detail = await self.readiness.check()
             self.relay.metrics.upstream_up.set(1 if ready else 0)
             queue = self.relay.queue

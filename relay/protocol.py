@@ -24,6 +24,7 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, AnyStr
 
+from aiosmtpd.proxy_protocol import ProxyData, get_proxy
 from aiosmtpd.smtp import (
     MISSING,
     SMTP,
@@ -54,8 +55,10 @@ class Client:
     field has one writer: the protocol (peer_ip) or the connection checker,
     SMTPRelayServer.admit (trusted_policy)."""
 
-    peer_ip: str = ""  # the client's address, as a string (connection_made)
+    peer_ip: str = ""  # the client's address, as a string (connection_made, or
+    # the PROXY header's source once read: PROXY_PROTOCOL)
     trusted_policy: UserPolicy | None = None  # set when in TRUSTED_NETWORKS (admit)
+    via: str = ""  # PROXY_PROTOCOL: the load balancer's address (the socket's peer)
 
 
 class RelaySession(Session):
@@ -262,6 +265,7 @@ class RelaySMTP(SMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     _unsent = b""  # reply lines kept for the next write (see push)
+    _awaiting_proxy = False  # reading the PROXY header (PROXY_PROTOCOL)
     _in_group = False  # answering RSET, MAIL or RCPT
 
     smtp_RSET = _answered_in_groups(SMTP.smtp_RSET)  # smtp_MAIL: see below
@@ -270,20 +274,61 @@ class RelaySMTP(SMTP):
     async def _handle_client(self) -> None:
         # The connection checker: before the greeting, refuse clients from outside
         # ALLOWED_CLIENT_NETWORKS, over MAX_CONNECTIONS_PER_IP, and addresses locked
-        # out for guessing passwords.
+        # out for guessing passwords. Behind a load balancer (PROXY_PROTOCOL) the
+        # PROXY header comes first (on SMTPS SMTPSAcceptor read it before TLS), and
+        # every check is about the address it names.
         session, _ = self.current()
-        refusal = self._relay_server.connection_refusal(session, self.over_ip_limit)
+        server = self._relay_server
+        if server.config.proxy_protocol and not self.implicit_tls:
+            self._awaiting_proxy = True  # the idle timer waits: the header has its own
+            try:
+                proxy = await read_proxy_header(server, self.client, self._reader)
+            except asyncio.CancelledError:  # aiosmtpd's eof_received: the peer left
+                self._close_silently()
+                raise
+            finally:
+                self._awaiting_proxy = False
+            if proxy is None:
+                self._close_silently()
+                return
+            self._reset_timeout()  # the client's idle time starts now
+            session.proxy_data = proxy
+            if not server.claim_address(self, self.client.peer_ip):
+                self.over_ip_limit = True
+        refusal = await server.connection_refusal(session, self.over_ip_limit)
         if refusal is not None:
             self._hang_up(refusal.encode() + b"\r\n")
             return
         self._greeted_at = time.monotonic()
         await super()._handle_client()
 
+    def _before_proxy_header(self) -> bool:
+        return (self._relay_server.config.proxy_protocol and not self.implicit_tls
+                and self.session is not None and self.session.proxy_data is None)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels its handler at EOF; one cancelled before it began to read
+        # the PROXY header would leave the connection open until the idle timer.
+        if self._before_proxy_header() and not self._awaiting_proxy:
+            self._drop_before_header("closed before a whole PROXY header")
+        return super().eof_received()
+
+    def _drop_before_header(self, reason: str) -> None:
+        self._relay_server.metrics.connections_refused.labels("proxy_header").inc()
+        log_event(logging.WARNING, "proxy-header-invalid", peer=self.client.peer_ip,
+                  reason=reason, then="dropped")
+        self._close_silently()
+
+    def _close_silently(self) -> None:
+        transport = self.transport
+        if transport is not None and not self._transport_closing():
+            transport.close()
+
     async def smtp_AUTH(self, arg: str) -> None:
         # SMTPAuthHandler makes the whole decision; aiosmtpd runs the exchange between
         # its checks before (refusal) and after (authenticate).
         authenticator, (session, envelope) = self._relay_server.authenticator, self.current()
-        verdict = authenticator.refusal(session, bool(envelope.mail_from))
+        verdict = await authenticator.refusal(session, bool(envelope.mail_from))
         if verdict is None:
             await super().smtp_AUTH(arg)  # parses the exchange; SMTPAuthHandler captures
             credentials = authenticator.take_credentials(session)
@@ -401,13 +446,13 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # After STARTTLS aiosmtpd makes a new session; self.client carries over what
         # the checker decided (AUTH, and so a user's policy, must come again over TLS).
-        if not self.connected:
-            peer = transport.get_extra_info("peername")
-            self.client.peer_ip = peer[0] if isinstance(peer, tuple) else str(peer)
+        if not self.connected and not self.client.via:  # (SMTPS behind a proxy: set)
+            self.client.peer_ip = peer_address(transport)
         super().connection_made(transport)
         if not self.connected:  # the first time (STARTTLS comes through here again)
             self.connected = True
-            self._relay_server.claim_address(self, transport)
+            if not self._relay_server.config.proxy_protocol:  # else once it is read
+                self._relay_server.claim_address(self, self.client.peer_ip)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -531,6 +576,11 @@ class RelaySMTP(SMTP):
         # aiosmtpd's timer counts from the last command and then drops the connection
         # without a word. A client waiting for the upstream is not idle, nor is one
         # still sending DATA; an idle one is told why it is disconnected.
+        if self._awaiting_proxy:  # read_proxy_header's own deadline drops it, silently
+            return
+        if self._before_proxy_header():  # (never began to read it)
+            self._drop_before_header("no PROXY header in time")
+            return
         session = self.session
         now = time.monotonic()
         idle = now - (session.active_at if session is not None else 0.0)
@@ -587,10 +637,106 @@ class RelaySMTP(SMTP):
         return self.session is not None and (self.session.busy
                                              or self.session.receiving_data)
 
+    @property
+    def in_transaction(self) -> bool:
+        """A message has begun (MAIL accepted) and is not finished: the drain lets
+        it finish rather than make the client start it again elsewhere."""
+        return self.in_flight or bool(self.envelope is not None
+                                      and self.envelope.mail_from)
+
     def say_goodbye(self) -> None:
-        """At shutdown, between commands: tell the client and close."""
-        if not self.in_flight:
+        """At shutdown, between messages: tell the client and close."""
+        if not self.in_transaction:
             self._hang_up(replies.SHUTTING_DOWN.format().encode() + b"\r\n")
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    """The socket's peer address, as a string."""
+    peer = transport.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) else str(peer)
+
+
+# At most this long (and never longer than TIMEOUT) for the PROXY header: a load
+# balancer sends it at once, before any byte of the client's.
+PROXY_HEADER_SECONDS = 10.0
+
+
+async def read_proxy_header(server: SMTPRelayServer, client: Client,
+                            reader: asyncio.StreamReader) -> ProxyData | None:
+    """PROXY_PROTOCOL: the PROXY v1/v2 header, read with aiosmtpd's own parser. On
+    success the client's address becomes the header's source (client.via keeps the
+    load balancer's); None, after one log line, when the connection must be dropped:
+    from outside PROXY_TRUSTED_NETWORKS, or a malformed, missing or late header. (A v2 LOCAL or v1 UNKNOWN header, the
+    balancer's own health check, keeps the socket's address, as the spec says.)"""
+    client.via = client.via or client.peer_ip
+    if not server.proxy_source_allowed(client.via):
+        return None
+    error = ""
+    try:
+        async with asyncio.timeout(min(PROXY_HEADER_SECONDS, server.config.timeout)):
+            proxy = await get_proxy(reader)
+    except TimeoutError:
+        error = "no PROXY header in time"
+    except (asyncio.IncompleteReadError, ConnectionError):
+        error = "closed before a whole PROXY header"
+    except asyncio.CancelledError:  # aiosmtpd cancels its handler at the peer's EOF
+        log_event(logging.WARNING, "proxy-header-invalid", peer=client.via,
+                  reason="closed before a whole PROXY header", then="dropped")
+        raise
+    else:
+        if not proxy.valid:
+            error = proxy.error or "not a PROXY header"
+    if error:
+        server.metrics.connections_refused.labels("proxy_header").inc()
+        log_event(logging.WARNING, "proxy-header-invalid", peer=client.via,
+                  reason=error, then="dropped")
+        return None
+    if proxy.src_addr is not None and proxy.command != 0:  # 0: v2 LOCAL
+        address = str(proxy.src_addr)
+        client.peer_ip = address.removeprefix("::ffff:") if "." in address else address
+    return proxy
+
+
+class ProxyHeaderReader(asyncio.Protocol):
+    """SMTPS behind a load balancer: the PROXY header comes before the TLS handshake.
+    This protocol holds the raw connection until it is read, then hands the
+    connection, and any bytes after the header, to `then`."""
+
+    def __init__(self, server: SMTPRelayServer, protocol: RelaySMTP,
+                 then: Callable[[asyncio.BaseTransport, bytes], None]):
+        self._server, self._protocol, self._then = server, protocol, then
+        self._reader = asyncio.StreamReader(limit=2048)
+        self._task: asyncio.Task[ProxyData | None] | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._task = asyncio.ensure_future(read_proxy_header(
+            self._server, self._protocol.client, self._reader))
+        self._task.add_done_callback(self._header_read)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed_data(data)
+
+    def eof_received(self) -> bool | None:
+        self._reader.feed_eof()
+        return None
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._reader.feed_eof()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._server.connection_closed(self._protocol)
+
+    def _header_read(self, task: asyncio.Task[ProxyData | None]) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if task.cancelled() or task.result() is None:
+            transport.close()
+            return
+        rest = bytes(self._reader._buffer)  # type: ignore[attr-defined]
+        self._then(transport, rest)
 
 
 def listening_port(server: asyncio.AbstractServer) -> int:
@@ -631,8 +777,19 @@ class SMTPSAcceptor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server, protocol = self._server, self._protocol
-        if not server.claim_address(protocol, transport):
+        protocol.client.peer_ip = peer_address(transport)
+        if server.config.proxy_protocol:  # the header first, then TLS
+            transport.set_protocol(ProxyHeaderReader(server, protocol, self._start_tls))
+            transport.get_protocol().connection_made(transport)
+            return
+        self._start_tls(transport, b"")
+
+    def _start_tls(self, transport: asyncio.BaseTransport, received: bytes) -> None:
+        """The handshake; `received`: bytes that came after a PROXY header."""
+        server, protocol = self._server, self._protocol
+        if not server.claim_address(protocol, protocol.client.peer_ip):
             server.refused_over_ip_limit(None, protocol.claimed_ip)
+            transport.set_protocol(self)
             transport.close()  # connection_lost gives the slot back
             return
         loop = asyncio.get_running_loop()
@@ -646,6 +803,12 @@ class SMTPSAcceptor(asyncio.Protocol):
         protocol.raw_transport = transport
         transport.set_protocol(tls)
         tls.connection_made(transport)
+        while received:  # what the client sent after the header: its ClientHello
+            buffer = tls.get_buffer(len(received))
+            size = min(len(buffer), len(received))
+            buffer[:size] = received[:size]
+            tls.buffer_updated(size)
+            received = received[size:]
 
     def connection_lost(self, error: Exception | None) -> None:
         self._server.connection_closed(self._protocol)  # refused before the handshake

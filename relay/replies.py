@@ -58,6 +58,10 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down", "shutdown",
                       level=logging.INFO)
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error: try again later", "internal-error",
                        level=logging.ERROR)
+# RATE_LIMIT_FAILURE=closed and RATE_LIMIT_STORAGE unreachable: limits or lock-outs
+# cannot be checked (StorageOutage logs the outage once; each refusal at DEBUG).
+LIMITS_UNAVAILABLE = Reply(451, "4.3.0", "Limits cannot be checked now, try again later",
+                           "limits-unavailable", "rate_limit_storage", level=logging.DEBUG)
 
 # --- AUTH --------------------------------------------------------------------------------
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful", "auth-ok", level=logging.INFO)

@@ -397,6 +397,12 @@ class Config:
     smtp_hostname: str = setting(
         "SMTP_HOSTNAME", Text(), "",
         "name in the greeting, EHLO to the upstream, Received: (empty: the host name)")
+    proxy_protocol: bool = setting(
+        "PROXY_PROTOCOL", Boolean(), False,
+        "expect a PROXY v1/v2 header (HAProxy send-proxy) on LISTEN_PORT and SMTPS_PORT")
+    proxy_trusted_networks: tuple[Network, ...] = setting(
+        "PROXY_TRUSTED_NETWORKS", Networks(), (),
+        "CIDR list of the load balancers that may send it; others are dropped")
     # The upstream.
     relay_host: str = setting(
         "RELAY_HOST", Text(), "smtp.example.com",
@@ -475,6 +481,10 @@ class Config:
     check_header_from: bool = setting(
         "CHECK_HEADER_FROM", Boolean(), False,
         "also require the From: header's domains to be allowed")
+    rate_limit_failure: str = setting(
+        "RATE_LIMIT_FAILURE", Choice("open", "closed"), "open",
+        "when RATE_LIMIT_STORAGE cannot be reached: open (relay, unlimited) or closed "
+        "(451 4.3.0)")
     # Durable delivery (the queue).
     delivery_mode: str = setting(
         "DELIVERY_MODE", Choice(*DELIVERY_MODES), "sync",
@@ -631,6 +641,10 @@ def check_consistency(config: Config) -> None:
                               "SMTP_AUTH_PASSWORD_HASH")
     if config.rate_limit_burst and not config.rate_limit_per_minute:
         raise ConfigError("RATE_LIMIT_BURST is set: expects RATE_LIMIT_PER_MINUTE too")
+    if config.proxy_protocol and not config.proxy_trusted_networks:
+        raise ConfigError("PROXY_PROTOCOL is on but PROXY_TRUSTED_NETWORKS is empty: "
+                          "expects the load balancers' addresses (CIDR list); anyone "
+                          "else could claim any client address")
     public = [str(network) for network in config.trusted_networks
               if not (network.is_private or network.is_loopback)]
     if public and not config.trusted_networks_allow_public:

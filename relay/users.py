@@ -1,6 +1,7 @@
 """Who may send: the users (SMTP_AUTH_USERNAME and SMTP_USERS_FILE), their policies,
 password checks (constant-time, or bcrypt on a small pool of its own), and the per-IP
-lock-out after repeated failed AUTH.
+lock-out after repeated failed AUTH: in this process (AuthGuard), or in the Redis of
+RATE_LIMIT_STORAGE, shared by replicas (SharedAuthGuard).
 
 SMTPAuthHandler (in smtp_relay.py) makes the AUTH decision with these pieces.
 """
@@ -33,6 +34,7 @@ from relay.settings import (
 
 if TYPE_CHECKING:
     from relay.policy import DomainList
+    from relay.ratelimit import StorageOutage
     from relay.routes import Destination
     from relay.settings import Config
 
@@ -190,22 +192,20 @@ class AuthGuard:
         failures.append(now)
         if len(failures) < self.max_failures:
             return False
-        # The failures stay (until they age out): withdraw() may take one back. They
-        # are all older than the window when the lock-out ends, so none counts again.
+        # The failures stay until they age out: all older than the window when the
+        # lock-out ends, so none counts again.
         self._locked_until[address] = now + self.window
         return True
 
-    def withdraw(self, address: str) -> None:
-        """Take back a failure counted before its check (record_failure): the
-        credentials were right. A lock-out it completed is lifted too."""
-        failures = self._failures.get(address)
-        if not failures:
-            return
-        failures.pop()
-        if len(failures) < self.max_failures:
-            self._locked_until.pop(address, None)
-        if not failures:
-            del self._failures[address]
+    # The lock-out interface SMTPAuthHandler and the connection checker use (shared
+    # with SharedAuthGuard, whose checks are a round trip to Redis).
+
+    async def is_locked(self, address: str) -> bool:
+        return self.locked(address)
+
+    async def failed(self, address: str) -> bool:
+        """record_failure: True when this failure locks the address out."""
+        return self.record_failure(address)
 
     def _forget_before(self, oldest: float) -> None:
         for address in [a for a, f in self._failures.items() if f[-1] < oldest]:
@@ -213,6 +213,80 @@ class AuthGuard:
         now = time.monotonic()
         for address in [a for a, u in self._locked_until.items() if u <= now]:
             del self._locked_until[address]
+
+
+class SharedAuthGuard:
+    """AuthGuard's lock-out kept in Redis (RATE_LIMIT_STORAGE=redis://...), so that
+    failures spread over several replicas add up: AUTH_MAX_FAILURES within
+    AUTH_FAILURE_WINDOW from one address lock it out on every replica.
+
+    Each failure is a member of a sorted set scored by Redis's own clock (replicas'
+    clocks may differ), and a lock key with the window as its expiry. Counting, the
+    expiry of old failures and setting the lock are one Lua script, so two replicas
+    counting the last failure at once cannot both miss the lock-out.
+
+    When Redis cannot be reached (StorageOutage reports it), RATE_LIMIT_FAILURE=open
+    counts in this process's own AuthGuard meanwhile (a lock-out per replica rather
+    than none); closed raises StorageUnavailable, and the caller refuses (451).
+    """
+
+    FAIL = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local window = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - window)
+redis.call('ZADD', KEYS[1], ms, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], '1', 'PX', window)
+  return 1
+end
+return 0
+"""
+    def __init__(self, client: Any, outage: StorageOutage, max_failures: int,
+                 window: float):
+        self.client = client  # redis.asyncio.Redis (limits' own, see storage_client)
+        self.outage = outage
+        self.max_failures = max_failures
+        self.window_ms = max(1, int(window * 1000))
+        self.local = AuthGuard(max_failures, window)  # while Redis is down (open)
+        self._fail = client.register_script(self.FAIL)
+
+    @staticmethod
+    def _keys(address: str) -> list[str]:
+        # One hash tag: both keys on the same node of a Redis Cluster.
+        return [f"smtp-relay/auth-failures/{{{address}}}",
+                f"smtp-relay/auth-locked/{{{address}}}"]
+
+    async def _shared(self, step: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, step's result), or (False, None) when Redis is down and
+        RATE_LIMIT_FAILURE is open; StorageUnavailable when it is closed."""
+        from relay.ratelimit import StorageUnavailable
+        try:
+            return True, await self.outage.run(step)
+        except StorageUnavailable:
+            if self.outage.closed:
+                raise
+            return False, None
+
+    async def is_locked(self, address: str) -> bool:
+        if self.max_failures <= 0:
+            return False
+        shared, count = await self._shared(
+            lambda: self.client.exists(self._keys(address)[1]))
+        return bool(count) if shared else self.local.locked(address)
+
+    async def failed(self, address: str) -> bool:
+        """Count one failure; True when it locks the address out."""
+        if self.max_failures <= 0:
+            return False
+        member = f"{time.time():.6f}/{secrets.token_hex(4)}"  # unique: one per failure
+        shared, locked = await self._shared(lambda: self._fail(
+            keys=self._keys(address), args=[self.window_ms, self.max_failures, member]))
+        return bool(locked) if shared else self.local.record_failure(address)
+
+
+LockOuts = AuthGuard | SharedAuthGuard
 
 
 class PasswordChecker:

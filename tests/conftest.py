@@ -57,6 +57,7 @@ RELAY_VARIABLES = (
     "ARCHIVE_MAX_MESSAGES", "ARCHIVE_MAX_BYTES", "API_TOKEN", "API_READ_TOKEN",
     "API_TOKEN_FILE", "API_READ_TOKEN_FILE",
     "ROUTES_FILE", "DNS_RESOLVERS", "MX_PORT", "MX_ALLOW_PRIVATE", "MX_TLS", "MX_MTA_STS",
+    "PROXY_PROTOCOL", "PROXY_TRUSTED_NETWORKS", "RATE_LIMIT_FAILURE",
 )
 
 SENDER = "app@example.com"
@@ -263,10 +264,16 @@ class RelayProcess:
 
     def wait_ready(self, timeout: float = 15.0) -> RelayProcess:
         deadline = time.monotonic() + timeout
+        proxied = self.env.get("PROXY_PROTOCOL", "").lower() in ("true", "1", "yes", "on")
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"relay exited with {self.process.returncode}:\n"
                                      + self.stderr)
+            if proxied:  # no greeting before a PROXY header: its start line instead
+                if " INFO started " in self.log():
+                    return self
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     # Our banner, from our process: another test run may hold the port.

@@ -287,6 +287,7 @@ def stand_in_relay() -> Any:
                                      ready_probe_seconds=5.0),
         forwarder=types.SimpleNamespace(pool=None),
         serving=True,
+        draining=False,  # SIGTERM's drain (issue #12): /healthz and /readyz read it
         metrics=types.SimpleNamespace(registry=prometheus_client.CollectorRegistry()))
 
 

@@ -1096,6 +1096,8 @@ EXPECTED_FAMILIES = {
     "smtp_relay_upstream_up",
     # Issue #11: routes and MX delivery.
     "smtp_relay_upstream_host_up", "smtp_relay_mx_attempts",
+    # Issue #12: replicas.
+    "smtp_relay_rate_limit_storage_errors", "smtp_relay_draining",
 }
 
 

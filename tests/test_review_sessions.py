@@ -57,7 +57,6 @@ from conftest import (
 )
 
 from relay.settings import ConfigError, load_config
-from relay.users import AuthGuard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -456,19 +455,6 @@ def test_checks_for_clients_that_left_never_run(start_relay, upstream):
     with relay.client() as client:  # and the relay still serves
         assert client.sendmail(SENDER, [RECIPIENT], message("after the flood")) == {}
     assert_no_traceback(relay)
-
-
-def test_auth_guard_withdraws_a_failure_counted_in_advance():
-    guard = AuthGuard(max_failures=2, window=30)
-    address = "192.0.2.1"
-    assert guard.record_failure(address) is False  # a wrong password
-    assert guard.record_failure(address) is True  # counted before its check: locks
-    assert guard.locked(address)
-    guard.withdraw(address)  # ... and it was right: the lock-out goes
-    assert not guard.locked(address)
-    assert guard.record_failure(address) is True  # the first failure still counts
-    guard.withdraw("192.0.2.9")  # nothing counted: nothing to take back
-    assert not guard.locked("192.0.2.9")
 
 
 LONG_PASSWORD = "L0ng-" + "p" * 71 + "-end"  # 80 bytes

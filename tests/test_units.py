@@ -83,15 +83,52 @@ def test_auth_failure_is_535_and_locks_out_at_the_limit():
     assert counted(metrics, "smtp_relay_auth_total", result="failure") == 3
 
 
+def test_concurrent_logins_from_one_address_do_not_lock_it_out():
+    # A failure is counted once its check fails (issue #12): five bcrypt checks of one
+    # address running at once, all right, leave AUTH_MAX_FAILURES=3 far away.
+    import bcrypt
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+    config = load_config({**{k: v for k, v in SETTINGS.items()
+                             if k != "SMTP_AUTH_PASSWORD"},
+                          "SMTP_AUTH_PASSWORD_HASH": hashed})
+    guard = AuthGuard(config.auth_max_failures, config.auth_failure_window)
+    handler = SMTPAuthHandler(config, guard, Metrics())
+
+    async def go() -> tuple[list[Any], bool, bool]:
+        sessions = [await new_session() for _ in range(5)]
+        right = LoginPassword(USER.encode(), PASSWORD.encode())
+        verdicts = await asyncio.gather(*(handler.authenticate(session, "PLAIN", right)
+                                          for session in sessions))
+        unlocked = not guard.locked("10.0.0.7")
+        # A client that leaves during its check is counted all the same.
+        wrong = LoginPassword(USER.encode(), b"wrong")
+        checks = [asyncio.ensure_future(handler.authenticate(await new_session(),
+                                                             "PLAIN", wrong))
+                  for _ in range(3)]
+        await asyncio.sleep(0)
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        for _ in range(200):  # the counts run in tasks of their own
+            if guard.locked("10.0.0.7"):
+                break
+            await asyncio.sleep(0.01)
+        return verdicts, unlocked, guard.locked("10.0.0.7")
+
+    verdicts, unlocked, locked = run(go())
+    assert [reply[:3] for reply, _ in verdicts] == ["235"] * 5
+    assert unlocked and locked
+
+
 def test_auth_refused_inside_a_transaction_and_when_locked_out():
     handler, _ = auth_handler(AUTH_MAX_FAILURES="1")
 
     async def go() -> tuple[Any, Any, Any]:
         session = await new_session()
-        inside = handler.refusal(session, in_transaction=True)
-        before = handler.refusal(session, in_transaction=False)
+        inside = await handler.refusal(session, in_transaction=True)
+        before = await handler.refusal(session, in_transaction=False)
         await handler.authenticate(session, "PLAIN", LoginPassword(USER.encode(), b"x"))
-        return inside, before, handler.refusal(session, in_transaction=False)
+        return inside, before, await handler.refusal(session, in_transaction=False)
 
     inside, before, locked = run(go())
     assert inside == ("503 5.5.1 AUTH not permitted during a mail transaction", False)
@@ -256,8 +293,10 @@ def test_connection_checker_refuses_outsiders_and_marks_trusted_clients():
             outsider, member, trusted = (await new_session("192.0.2.1"),
                                          await new_session("10.0.0.7"),
                                          await new_session("10.1.2.3"))
-            return (server.connection_refusal(outsider), server.connection_refusal(member),
-                    server.connection_refusal(trusted), member.trusted, trusted.trusted,
+            return (await server.connection_refusal(outsider),
+                    await server.connection_refusal(member),
+                    await server.connection_refusal(trusted), member.trusted,
+                    trusted.trusted,
                     trusted.policy, server.metrics)
         finally:
             await server.forwarder.close()

@@ -357,37 +357,60 @@ class Store(ABC):
         whose recipients are all final is archived at once (see archive rules)."""
         now = time.time()
         with self.transaction(write=True) as tx:
-            for message in messages:
-                self.insert_in(tx, message, now)
+            self.insert_all_in(tx, messages, now)
 
     def insert_in(self, tx: Transaction, message: NewMessage, now: float) -> None:
         """add()'s work for one message, inside a transaction of the caller's."""
-        rows = []
-        # A repeated RCPT TO is one recipient (the primary key is message + address).
-        for address in dict.fromkeys(message.recipients):
-            status, reply = message.outcomes.get(address, ("queued", None))
-            if status not in OUTCOME_STATUSES:
-                raise ValueError(f"outcome {status!r} for {address!r} is not one of"
-                                 f" {', '.join(OUTCOME_STATUSES)}")
-            tried = 0 if status == "queued" else 1
-            next_attempt = None if status in FINAL else message.received
-            claimed = status == "queued" and message.claimed_by is not None
-            rows.append((message.id, address, "delivering" if claimed else status, tried,
-                         next_attempt, reply, now,
-                         message.claimed_by if claimed else None,
-                         message.locked_until if claimed else None,
-                         "queued" if claimed else None))
-        done = all(row[2] in FINAL for row in rows)
-        if done and self.archive == "off":
-            return  # delivered already and nothing is archived: nothing to keep
-        body = None if done and self.archive == "metadata" else message.body
-        tx.run('INSERT INTO messages (id, received, "user", peer, sender, size, body,'
-               " trace_id, done_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-               (message.id, message.received, message.user, message.peer, message.sender,
-                len(message.body), body, message.trace_id, now if done else None))
-        tx.run_many("INSERT INTO recipients (message_id, address, status, attempts,"
-                    " next_attempt, last_reply, updated, locked_by, locked_until,"
-                    " prior_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.insert_all_in(tx, [message], now)
+
+    # Rows per INSERT statement: one statement for many rows is one step of SQLite's
+    # (one release of the GIL, one round trip to PostgreSQL), not one per row. Under
+    # load each step's return waited for the event loop's thread to let go of the GIL:
+    # a batch of 100 KB messages spent more time there than in its fsync.
+    ROWS_PER_INSERT = 50
+
+    def insert_all_in(self, tx: Transaction, messages: Sequence[NewMessage],
+                      now: float) -> None:
+        """add()'s work for these messages, inside a transaction of the caller's."""
+        message_rows: list[tuple[Any, ...]] = []
+        recipient_rows: list[tuple[Any, ...]] = []
+        for message in messages:
+            rows = []
+            # A repeated RCPT TO is one recipient (the primary key is message + address).
+            for address in dict.fromkeys(message.recipients):
+                status, reply = message.outcomes.get(address, ("queued", None))
+                if status not in OUTCOME_STATUSES:
+                    raise ValueError(f"outcome {status!r} for {address!r} is not one of"
+                                     f" {', '.join(OUTCOME_STATUSES)}")
+                tried = 0 if status == "queued" else 1
+                next_attempt = None if status in FINAL else message.received
+                claimed = status == "queued" and message.claimed_by is not None
+                rows.append((message.id, address, "delivering" if claimed else status,
+                             tried, next_attempt, reply, now,
+                             message.claimed_by if claimed else None,
+                             message.locked_until if claimed else None,
+                             "queued" if claimed else None))
+            done = all(row[2] in FINAL for row in rows)
+            if done and self.archive == "off":
+                continue  # delivered already and nothing is archived: nothing to keep
+            body = None if done and self.archive == "metadata" else message.body
+            message_rows.append((message.id, message.received, message.user, message.peer,
+                                 message.sender, len(message.body), body, message.trace_id,
+                                 now if done else None))
+            recipient_rows.extend(rows)
+        self._insert_rows(tx, 'messages (id, received, "user", peer, sender, size, body,'
+                              " trace_id, done_at)", message_rows)
+        self._insert_rows(tx, "recipients (message_id, address, status, attempts,"
+                              " next_attempt, last_reply, updated, locked_by, locked_until,"
+                              " prior_status)", recipient_rows)
+
+    def _insert_rows(self, tx: Transaction, into: str,
+                     rows: Sequence[tuple[Any, ...]]) -> None:
+        for start in range(0, len(rows), self.ROWS_PER_INSERT):
+            chunk = rows[start:start + self.ROWS_PER_INSERT]
+            placeholders = "(" + ", ".join("?" * len(chunk[0])) + ")"
+            tx.run(f"INSERT INTO {into} VALUES " + ", ".join([placeholders] * len(chunk)),
+                   [value for row in chunk for value in row])
 
     def usage(self) -> Usage:
         with self.transaction(write=False) as tx:
@@ -1181,8 +1204,7 @@ class GroupCommit:
             # Durable when it holds a new message (an fsync); outcomes alone need not be.
             with self.store.transaction(write=True, durable=bool(messages)) as tx:
                 now = time.time()
-                for message in messages:
-                    self.store.insert_in(tx, message, now)
+                self.store.insert_all_in(tx, messages, now)
                 for worker, message_id, results, recorded_at in records:
                     self.store.record_in(tx, worker, message_id, results, recorded_at)
         except StoreError as error:

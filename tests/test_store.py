@@ -120,6 +120,17 @@ def store(open_store: Callable[..., Store]) -> Store:
 # add, durability, group commit
 # ---------------------------------------------------------------------------------------
 
+def test_add_of_more_messages_than_one_insert_statement_holds(store: Store) -> None:
+    # insert_all_in writes ROWS_PER_INSERT rows per statement: the rest go in more.
+    messages = [new_message() for _ in range(Store.ROWS_PER_INSERT * 2 + 7)]
+    store.add(messages)
+    page, _ = store.list(limit=1000)
+    assert {record.id for record in page} == {message.id for message in messages}
+    shown = store.show(messages[-1].id)
+    assert shown is not None
+    assert [r.address for r in shown.recipients] == ["a@example.com", "b@example.com"]
+
+
 def test_add_is_durable_across_reopen(open_store: Callable[..., Store]) -> None:
     first = open_store()
     message = new_message()
@@ -194,13 +205,13 @@ def test_add_all_final_is_archived_at_once(open_store: Callable[..., Store],
 
 def test_group_commit_many_concurrent_adds(store: Store) -> None:
     per_transaction: dict[int, int] = {}
-    insert = store.insert_in
+    insert = store.insert_all_in
 
-    def counting_insert(tx: Any, message: NewMessage, now: float) -> None:
-        per_transaction[id(tx)] = per_transaction.get(id(tx), 0) + 1
-        insert(tx, message, now)
+    def counting_insert(tx: Any, messages: list[NewMessage], now: float) -> None:
+        per_transaction[id(tx)] = per_transaction.get(id(tx), 0) + len(messages)
+        insert(tx, messages, now)
 
-    store.insert_in = counting_insert  # type: ignore[method-assign]
+    store.insert_all_in = counting_insert  # type: ignore[method-assign]
     messages = [new_message() for _ in range(300)]
 
     async def main() -> None:
@@ -222,16 +233,16 @@ def test_group_commit_failed_batch_fails_every_caller(store: Store) -> None:
     existing = new_message()
     store.add([existing])
     entered, gate = threading.Event(), threading.Event()
-    insert = store.insert_in
+    insert = store.insert_all_in
     first = new_message()
 
-    def gated_insert(tx: Any, message: NewMessage, now: float) -> None:
-        if message.id == first.id:
+    def gated_insert(tx: Any, messages: list[NewMessage], now: float) -> None:
+        if any(message.id == first.id for message in messages):
             entered.set()
             gate.wait(60)  # the first batch waits, so everything else makes the second
-        insert(tx, message, now)
+        insert(tx, messages, now)
 
-    store.insert_in = gated_insert  # type: ignore[method-assign]
+    store.insert_all_in = gated_insert  # type: ignore[method-assign]
     rest = [new_message() for _ in range(5)] + [new_message(message_id=existing.id)]
 
     async def main() -> list[BaseException | None]:
@@ -315,18 +326,18 @@ def test_group_commit_alone_writes_on_the_callers_thread_when_the_writer_is_idle
     """A lone client's commit skips the hop to the writer thread (SQLite); with the
     writer busy it waits its turn there as usual. Either way it is stored on return."""
     threads: list[str] = []
-    insert = store.insert_in
+    insert = store.insert_all_in
     entered, gate = threading.Event(), threading.Event()
     held = new_message()
 
-    def noting_insert(tx: Any, message: NewMessage, now: float) -> None:
+    def noting_insert(tx: Any, messages: list[NewMessage], now: float) -> None:
         threads.append(threading.current_thread().name)
-        if message.id == held.id:
+        if any(message.id == held.id for message in messages):
             entered.set()
             gate.wait(60)
-        insert(tx, message, now)
+        insert(tx, messages, now)
 
-    store.insert_in = noting_insert  # type: ignore[method-assign]
+    store.insert_all_in = noting_insert  # type: ignore[method-assign]
     alone, behind = new_message(), new_message()
 
     async def main() -> None:

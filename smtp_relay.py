@@ -656,7 +656,7 @@ class SMTPRelayServer:
                 DeliveryProcess(config, self.metrics) if config.delivery_mode != "sync"
                 else Deliverer(config, self.forwarder.pool, self.metrics, self.router))
             self.queue = Queue(config, open_store(config), deliverer, self.metrics)
-            self.queue.alone = lambda: len(self.connections) <= 1
+            self.queue.alone = lambda: len(self.connections) == 1
         self.handler = SMTPRelayHandler(
             config, self.forwarder, self.rate_limiter, self.metrics, self.queue,
             self.routes, lambda domain: MXSessionPool(

@@ -52,11 +52,19 @@ if TYPE_CHECKING:
     from relay.store import Claim
 
 _LENGTH = struct.Struct("!I")
-# The child's first statement ignores the signals meant for the parent (SIGHUP comes as
-# a "reload" frame), before anything slow is imported.
-_CHILD = ("import signal, sys\n"
+# The child's first statements ignore the signals meant for the parent (SIGHUP comes
+# as a "reload" frame), before anything slow is imported, and lower its CPU priority:
+# when the cores are busy, a client waiting for its 250 comes before a delivery that
+# can wait a few milliseconds (at 100 KB and 10 clients, 8 % more accepted; the queue
+# drained 0.4 s later). Where setpriority is not allowed (a seccomp filter) it runs as
+# it is.
+_CHILD = ("import os, signal, sys\n"
           "for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):\n"
           "    signal.signal(number, signal.SIG_IGN)\n"
+          "try:\n"
+          "    os.nice(10)\n"
+          "except OSError:\n"
+          "    pass\n"
           "from relay.worker import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
 PROJECT_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

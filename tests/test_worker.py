@@ -101,6 +101,19 @@ def test_the_delivery_process_ignores_sigint_to_the_group_and_leaves_with_its_pa
     wait_until(lambda: not alive(child), what="the orphaned child to leave")
 
 
+def test_the_delivery_process_yields_the_cpu_to_the_acceptor(start, upstream):
+    relay = start(upstream, DELIVERY_MODE="queue")
+    [child] = children(relay.process.pid)
+
+    def niceness(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+    # (its first statements, a moment after it is started)
+    wait_until(lambda: niceness(child) == niceness(relay.process.pid) + 10,
+               what="the delivery process's lower priority")
+
+
 def test_sync_mode_has_no_delivery_process(start, upstream):
     relay = start(upstream, ARCHIVE="metadata")
     time.sleep(0.3)

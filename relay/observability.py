@@ -247,17 +247,9 @@ def write_formatted_lines(lines: list[str]) -> None:
     sys.stderr.write("".join(lines))
 
 
-def setup_logging(config: Config) -> LogHandler:
-    """stderr and LOG_FILE, one line per event; aiosmtpd's chatter only at DEBUG."""
-    try:
-        directory = os.path.dirname(config.log_file)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        handler = LogHandler(config.log_file, config.log_max_bytes,
-                              config.log_backup_count)
-    except OSError as error:
-        raise ConfigError(f"LOG_FILE={config.log_file!r}: cannot open "
-                          f"({error.strerror}): expects a writable file path") from None
+def install_root_handler(handler: logging.Handler, config: Config) -> None:
+    """`handler` as the only one for every line, in LOG_FORMAT, at LOG_LEVEL (the
+    relay's LogHandler, or the delivery process's shipping handler)."""
     handler.setFormatter(JSONFormatter() if config.log_format == "json"
                          else TextFormatter())
     root = logging.getLogger()
@@ -269,6 +261,20 @@ def setup_logging(config: Config) -> LogHandler:
     # (_srcfile = None skips walking the stack for the caller on every line).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None
+
+
+def setup_logging(config: Config) -> LogHandler:
+    """stderr and LOG_FILE, one line per event; aiosmtpd's chatter only at DEBUG."""
+    try:
+        directory = os.path.dirname(config.log_file)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        handler = LogHandler(config.log_file, config.log_max_bytes,
+                              config.log_backup_count)
+    except OSError as error:
+        raise ConfigError(f"LOG_FILE={config.log_file!r}: cannot open "
+                          f"({error.strerror}): expects a writable file path") from None
+    install_root_handler(handler, config)
     # aiosmtpd logs every command line at INFO on "mail.log": noise, and slow.
     library = logging.getLogger("mail.log")
     library.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)

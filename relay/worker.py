@@ -313,21 +313,13 @@ class _RecordedMetrics:
 
 async def _serve_parent(fd: int) -> None:
     from relay.delivery import Deliverer
-    from relay.observability import JSONFormatter, TextFormatter
+    from relay.observability import install_root_handler
     from relay.upstream import UpstreamPool
 
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     config: Config = await _read_frame(reader)
     outbox = _Outbox()
-    handler = _ShippedLines(outbox)
-    handler.setFormatter(JSONFormatter() if config.log_format == "json"
-                         else TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(config.log_level)
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    install_root_handler(_ShippedLines(outbox), config)
     metrics = cast("Metrics", _RecordedMetrics(outbox))
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=config.queue_workers + 4, thread_name_prefix="upstream")

@@ -1110,26 +1110,32 @@ class GroupCommit:
             self._rider_timer.cancel()
             self._rider_timer = None
         for rider in riders:
-            with self._closing:
-                if self._closed:
-                    _settle(rider.future, StoreError(f"queue {self.store.url} is closed"))
-                else:
-                    self._waiting.put(rider)
+            if not self._put(rider):
+                _settle(rider.future, self._closed_error())
 
     async def _submit(self, message: NewMessage | None,
                       record: tuple[str, str, Sequence[Result], float] | None) -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        with self._closing:  # nothing is put after close()'s end marker
-            if self._closed:
-                raise StoreError(f"queue {self.store.url} is closed")
-            self._waiting.put(_Waiting(message, loop, future, record))
+        if not self._put(_Waiting(message, loop, future, record)):
+            raise self._closed_error()
         await future
+
+    def _put(self, waiting: _Waiting) -> bool:
+        """To the writer; False once closed (nothing is put after the end marker)."""
+        with self._closing:
+            if self._closed:
+                return False
+            self._waiting.put(waiting)
+            return True
+
+    def _closed_error(self) -> StoreError:
+        return StoreError(f"queue {self.store.url} is closed")
 
     def close(self) -> None:
         riders, self._riders = self._riders, []  # outcomes riding: committed first
-        for rider in riders:
-            self._waiting.put(rider)
+        for rider in riders:  # (before the end marker; a late timer finds none)
+            self._put(rider)
         with self._closing:
             if self._closed:
                 return
@@ -1182,9 +1188,8 @@ class GroupCommit:
                 not self._busy.acquire(blocking=False):
             return False
         try:
-            if self._closed:
-                raise StoreError(f"queue {self.store.url} is closed")
-            failure = self._write_batch(
+            # Closed: the riders hear it too (they were taken from the list).
+            failure = str(self._closed_error()) if self._closed else self._write_batch(
                 [message], [rider.record for rider in riders if rider.record is not None])
         finally:
             self._busy.release()

@@ -321,6 +321,29 @@ def test_group_commit_alone_outcome_rides_with_the_next_message(store: Store) ->
         assert per_transaction == [(1, 1), (0, 1)]
 
 
+def test_group_commit_after_close_fails_a_riding_outcome_instead_of_losing_it(
+        store: Store) -> None:
+    message = new_message()
+    store.add([message])
+    (claim,) = store.claim("worker-1", time.time(), 30, 1)
+
+    async def main() -> None:
+        group = GroupCommit(store)
+        await asyncio.to_thread(group.close)
+        now = time.time()
+        riding = asyncio.ensure_future(group.record("worker-1", claim.id, [Result(
+            recipient.address, "delivered", "250 ok", None,
+            Attempt(now, recipient.address, "up:25", "250 ok", 0.01, False))
+            for recipient in claim.recipients], now, alone=True))
+        await asyncio.sleep(0)
+        with pytest.raises(StoreError):
+            await group.add(new_message(), alone=True)
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(riding, 10)
+
+    asyncio.run(main())
+
+
 def test_group_commit_alone_writes_on_the_callers_thread_when_the_writer_is_idle(
         store: Store) -> None:
     """A lone client's commit skips the hop to the writer thread (SQLite); with the

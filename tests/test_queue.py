@@ -444,33 +444,34 @@ class CountingHandler(UpstreamHandler):
             self.in_data -= 1
 
 
+def most_deliveries_at_once(start, down_upstream, *, workers: int, stall: float,
+                            messages: int) -> int:
+    """Queue `messages` while the upstream is down, bring it up with DATA stalling
+    `stall` seconds, and count the most deliveries that were in DATA at once."""
+    handler = CountingHandler()
+    handler.stall["DATA"] = stall
+    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS=str(workers),
+                  QUEUE_RETRY_MIN="0.2", QUEUE_RETRY_MAX="0.2")
+    for number in range(messages):
+        assert QUEUED.match(send(relay, f"message {number}"))
+    upstream = Upstream(port=down_upstream.port, handler=handler)
+    try:
+        wait_until(lambda: len(handler.messages) == messages, timeout=60,
+                   what=f"all {messages}")
+    finally:
+        upstream.stop()
+    return handler.most_in_data
+
+
 def test_a_slow_upstream_gets_more_deliveries_at_once(start, down_upstream):
     # 0.4 s a message: sixteen at a time (the least) would drain slowly; the workers
     # follow the upstream's pace up to QUEUE_WORKERS (never more).
-    handler = CountingHandler()
-    handler.stall["DATA"] = 0.4
-    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="30",
-                  QUEUE_RETRY_MIN="0.2", QUEUE_RETRY_MAX="0.2")
-    for number in range(50):
-        assert QUEUED.match(send(relay, f"slow {number}"))
-    upstream = Upstream(port=down_upstream.port, handler=handler)
-    try:
-        wait_until(lambda: len(handler.messages) == 50, timeout=60, what="all fifty")
-    finally:
-        upstream.stop()
-    assert 20 <= handler.most_in_data <= 30, handler.most_in_data
+    most = most_deliveries_at_once(start, down_upstream, workers=30, stall=0.4,
+                                   messages=50)
+    assert 20 <= most <= 30, most
 
 
 def test_queue_workers_below_the_least_still_bounds_deliveries(start, down_upstream):
-    handler = CountingHandler()
-    handler.stall["DATA"] = 0.3
-    relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="3",
-                  QUEUE_RETRY_MIN="0.2", QUEUE_RETRY_MAX="0.2")
-    for number in range(10):
-        assert QUEUED.match(send(relay, f"few {number}"))
-    upstream = Upstream(port=down_upstream.port, handler=handler)
-    try:
-        wait_until(lambda: len(handler.messages) == 10, timeout=60, what="all ten")
-    finally:
-        upstream.stop()
-    assert handler.most_in_data <= 3, handler.most_in_data
+    most = most_deliveries_at_once(start, down_upstream, workers=3, stall=0.3,
+                                   messages=10)
+    assert most <= 3, most

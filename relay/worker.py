@@ -85,8 +85,8 @@ def _frame(payload: Any) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 class DeliveryProcess:
-    """A `DeliveryAgent` whose tries run in the child process (started on first use,
-    and again if it dies)."""
+    """A `DeliveryAgent` whose tries run in the child process (started by start(), and
+    again if it dies)."""
 
     RESTART_SECONDS = 1.0  # between a child's death and the next start
     # Gauges the child moves up and down: what a dead child had added is taken back.
@@ -148,6 +148,8 @@ class DeliveryProcess:
             except Exception:  # noqa: BLE001 (a bad frame: the child is restarted)
                 log.exception("unreadable frame from the delivery process")
             self._started.clear()
+            if self._writer is not None:  # on the loop: a StreamWriter is not threadsafe
+                self._writer.close()
             code = await asyncio.to_thread(self._reap)
             lost = len(self._pending)
             self._lost(code)
@@ -165,8 +167,6 @@ class DeliveryProcess:
         process = self._process
         if process is None:
             return None
-        if self._writer is not None:
-            self._writer.close()
         try:
             return process.wait(timeout=5)
         except subprocess.TimeoutExpired:

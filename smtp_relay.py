@@ -825,7 +825,7 @@ class SMTPRelayServer:
                 log_event(logging.ERROR, "log-reopen-failed", reason=error.strerror)
         self.reload_tls()
         if self.queue is not None:
-            self.queue.deliverer.reload()
+            self.queue.reload()
         try:
             routes = self.router.reload()
         except ConfigError as error:

@@ -331,6 +331,12 @@ class Queue:
                 self.store.release_claims(holder)
                 log_event(logging.WARNING, "claims-recovered", holder=holder)
 
+    def reload(self) -> None:
+        """SIGHUP: the deliverer re-reads what it reads (the delivery process: its
+        routes). A queue that delivers nothing (sync mode) has nothing to re-read."""
+        if self._deliverer_started:
+            self.deliverer.reload()
+
     def stopping(self) -> bool:
         """stop() has begun (set from another task: a method, so that type checkers
         do not take it for a constant inside the workers' loops)."""

@@ -351,6 +351,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = prometheus_client.CollectorRegistry()
         registry = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see labelled
+        self._per_user: dict[str, tuple[Any, Any, Any]] = {}  # delivered's counters
         self.connections_open = prometheus_client.Gauge(
             "smtp_relay_connections_open", "Client connections open now.",
             registry=registry)
@@ -434,13 +436,28 @@ class Metrics:
 
     def delivered(self, session: RelaySession, recipients: int, size: int) -> None:
         user = session_user(session) or "-"
-        self.messages_accepted.labels(user).inc()
-        self.recipients.labels(user).inc(recipients)
-        self.bytes.labels(user).inc(size)
+        counters = self._per_user.get(user)
+        if counters is None:  # labels() takes a lock and checks its values: once a user
+            counters = self._per_user[user] = (self.messages_accepted.labels(user),
+                                               self.recipients.labels(user),
+                                               self.bytes.labels(user))
+        messages, recipient_count, size_count = counters
+        messages.inc()
+        recipient_count.inc(recipients)
+        size_count.inc(size)
 
     def rejected(self, reason: str, session: RelaySession | None) -> None:
         user = session_user(session) if session is not None else None
-        self.messages_rejected.labels(reason, user or "-").inc()
+        self.labelled(self.messages_rejected, reason, user or "-").inc()
+
+    def labelled(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), remembered: a child is made once per label values
+        and never removed, so the same one can be handed out again."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def record(self, reply: Reply, session: RelaySession | None = None, *,
                event: str = "", **fields: Any) -> str:
@@ -452,7 +469,7 @@ class Metrics:
         text = reply.format(**fields)
         if reply.reason:
             if reply.counter == "connections_refused":
-                self.connections_refused.labels(reply.reason).inc()
+                self.labelled(self.connections_refused, reply.reason).inc()
             else:
                 self.rejected(reply.reason, session)
         log_event(reply.level, event or reply.event, session, **fields, reply=text)

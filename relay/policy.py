@@ -129,6 +129,9 @@ def split_path(arg: str) -> tuple[str, str]:
     if not text.startswith("<"):
         path, _, rest = text.partition(" ")
         return path, rest
+    end = text.find(">")
+    if end > 0 and '"' not in text[:end]:  # the usual case: nothing quoted before ">"
+        return text[:end + 1], text[end + 1:]
     index, quoted = 1, False
     while index < len(text):
         char = text[index]
@@ -196,6 +199,7 @@ def _split_local_part(path: str, smtputf8: bool) -> tuple[str, str]:
     return local_part, rest[1:]
 
 
+@functools.lru_cache(maxsize=4096)  # a message asks about its domains a dozen times
 def normalize_domain(domain: str) -> str:
     """Lower-case ASCII form of a domain: trailing dot dropped, IDNs as punycode.
 

@@ -213,3 +213,15 @@ def test_grouped_commands_keep_aiosmtpd_behaviour():
         assert "self.transport.write" not in inspect.getsource(theirs)
     assert "line: bytes = await self._reader.readuntil()" in inspect.getsource(
         SMTP._handle_client)
+
+
+def test_sanitized_log_contract():
+    # relay.protocol replaces aiosmtpd.smtp.sanitized_log (a module global smtp.py
+    # looks up at each call) by one that skips lines mail.log would drop.
+    import aiosmtpd.smtp
+
+    import relay.protocol
+    assert aiosmtpd.smtp.sanitized_log is relay.protocol._sanitized_log
+    original = relay.protocol._escaped_log
+    assert list(inspect.signature(original).parameters) == ["func", "msg", "args", "kwargs"]
+    assert "sanitized_log(log.info, '%r >> %r'" in inspect.getsource(SMTP._handle_client)

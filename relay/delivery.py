@@ -223,6 +223,10 @@ class Queue:
         self._backlog.set()  # at start: whatever the last run left
         self._dispatcher_wakeup = asyncio.Event()
         self._stored_unhanded = 0  # commits that found no idle worker (see _dispatch)
+        # Messages stored already claimed by this relay while every worker was busy,
+        # for the next worker that frees up (at most READY_MAX; beyond that a commit
+        # leaves its message to the dispatcher): (claim, when its lease ends).
+        self._ready: collections.deque[tuple[Claim, float]] = collections.deque()
         self._delivering = 0  # workers delivering now
         self._delivery_seconds = 0.0  # how long a delivery takes, on average
         self._worker_freed = asyncio.Event()  # more workers wanted: parked ones look
@@ -269,7 +273,13 @@ class Queue:
         body back. A crash before the delivery leaves a claim that the next start
         (or, on another host, the lease's end) gives back to the queue."""
         waiter = self._idle.popleft() if self._idle and not message.outcomes else None
-        if waiter is not None:
+        # Every worker busy: the message waits in memory for the first one free, when
+        # few wait already. The dispatcher's claim would read it back from the store
+        # and hold the store meanwhile (at 100 KB and 10 clients nearly every message
+        # went that way, and the claims held up the next commits).
+        ready = waiter is None and not message.outcomes and self.delivering() and \
+            len(self._ready) < self.READY_MAX
+        if waiter is not None or ready:
             message.claimed_by = self.name
             message.locked_until = time.time() + self.config.queue_lease_seconds
         try:
@@ -283,17 +293,40 @@ class Queue:
         if self.usage.free_bytes is not None:
             self.usage.free_bytes -= len(message.body)
         self.metrics.queue_committed.inc()
-        if waiter is None:  # every worker busy: the dispatcher takes it from the store
+        if waiter is None and not ready:  # the dispatcher takes it from the store
             self._stored_unhanded += 1
             self._backlog.set()
+            return
+        now = time.time()
+        claim = Claim(
+            id=message.id, received=message.received, sender=message.sender,
+            body=message.body, recipients=[
+                RecipientState(address, "delivering", 0, None, None, now)
+                for address in dict.fromkeys(message.recipients)],
+            user=message.user)
+        if waiter is not None:
+            waiter.set_result(claim)
         else:
-            now = time.time()
-            waiter.set_result(Claim(
-                id=message.id, received=message.received, sender=message.sender,
-                body=message.body, recipients=[
-                    RecipientState(address, "delivering", 0, None, None, now)
-                    for address in dict.fromkeys(message.recipients)],
-                user=message.user))
+            assert message.locked_until is not None  # set above
+            self._ready.append((claim, message.locked_until))
+
+    # Enough to cover a burst while every worker is busy; the rest wait in the store.
+    READY_MAX = 64
+
+    def delivering(self) -> bool:
+        """Workers are running and taking work (start(deliver=True), no stop())."""
+        return bool(self._workers) and not self._stopping
+
+    def _take_ready(self) -> Claim | None:
+        """The oldest message waiting in memory whose claim still has half its lease
+        to run (a delivery renews it from then on). An older one is left to its
+        lease's end, when the dispatcher claims it again from the store."""
+        while self._ready:
+            claim, locked_until = self._ready.popleft()
+            if locked_until - time.time() >= self.config.queue_lease_seconds / 2:
+                return claim
+            log_event(logging.DEBUG, "claim-aged", id=claim.id)
+        return None
 
     # --- the workers ---------------------------------------------------------------------
 
@@ -372,14 +405,16 @@ class Queue:
             await self._until_wanted()
             if self.stopping():  # unparked by stop(): its idle list is already empty
                 return
-            waiter: asyncio.Future[Claim | None] = \
-                asyncio.get_running_loop().create_future()
-            self._idle.append(waiter)
-            if self._backlog.is_set():
-                self._dispatcher_wakeup.set()  # work waits in the store
-            claim = await waiter
+            claim = self._take_ready()
             if claim is None:
-                return
+                waiter: asyncio.Future[Claim | None] = \
+                    asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                if self._backlog.is_set():
+                    self._dispatcher_wakeup.set()  # work waits in the store
+                claim = await waiter
+                if claim is None:
+                    return
             self._delivering += 1
             started = time.monotonic()
             try:

@@ -102,7 +102,7 @@ def test_queue_mode_rides_out_an_upstream_outage(start, down_upstream):
     down_upstream.start()
     wait_until(lambda: len(down_upstream.messages) >= 5, what="all five delivered")
     time.sleep(1.0)  # nothing arrives twice
-    assert sorted(subjects(down_upstream)) == sorted(f"outage {n}" for n in range(5))
+    assert sorted(subjects(handler)) == sorted(f"outage {n}" for n in range(5))
     log = relay.log()
     for queue_id in ids:
         assert log.count(f"delivered id={queue_id}") == 1
@@ -162,7 +162,7 @@ def test_queue_full_is_452_and_nothing_is_lost(start, down_upstream):
     assert reply.startswith("452 4.3.1"), reply
     down_upstream.start()
     wait_until(lambda: len(down_upstream.messages) == 2, what="both delivered")
-    assert sorted(subjects(down_upstream)) == ["first", "second"]
+    assert sorted(subjects(handler)) == ["first", "second"]
 
 
 def test_queue_mode_refuses_what_policy_refuses(start, upstream):
@@ -475,3 +475,59 @@ def test_queue_workers_below_the_least_still_bounds_deliveries(start, down_upstr
     most = most_deliveries_at_once(start, down_upstream, workers=3, stall=0.3,
                                    messages=10)
     assert most <= 3, most
+
+
+def _holders(relay, queue_id: str) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(relay.workdir / "spool" / "queue.db") as connection:
+        return connection.execute(
+            "SELECT status, locked_by FROM recipients WHERE message_id = ?",
+            (queue_id,)).fetchall()
+
+
+def test_a_message_stored_while_every_worker_is_busy_is_claimed_with_its_commit(
+        start, down_upstream):
+    # Both workers stall in DATA; the next messages are stored already claimed by
+    # this relay and wait in memory for the first free worker (no claim transaction,
+    # which would read each body back and hold the store meanwhile).
+    handler = CountingHandler()
+    handler.stall["DATA"] = 1.0
+    upstream = Upstream(port=down_upstream.port, handler=handler)
+    try:
+        relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="2")
+        for number in range(2):
+            assert QUEUED.match(send(relay, f"busy {number}"))
+        wait_until(lambda: handler.in_data == 2, what="both workers in DATA")
+        waiting = [QUEUED.match(send(relay, f"waiting {n}")).group(1) for n in range(3)]
+        for queue_id in waiting:
+            [(status, holder)] = _holders(relay, queue_id)
+            assert status == "delivering" and holder, (status, holder)
+        assert handler.most_in_data == 2
+        wait_until(lambda: len(handler.messages) == 5, timeout=30, what="all five")
+        assert sorted(subjects(handler)) == sorted(
+            [f"busy {n}" for n in range(2)] + [f"waiting {n}" for n in range(3)])
+        assert handler.most_in_data <= 2
+    finally:
+        upstream.stop()
+
+
+def test_a_claim_that_waited_past_half_its_lease_goes_back_to_the_store(
+        start, down_upstream):
+    # The one worker stalls longer than half the lease: the message claimed at its
+    # commit is not delivered from memory (another relay may take it once the lease
+    # ends, before a renewal), but claimed again from the store. Delivered once.
+    handler = CountingHandler()
+    handler.stall["DATA"] = 3.0
+    upstream = Upstream(port=down_upstream.port, handler=handler)
+    try:
+        relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="1",
+                      QUEUE_LEASE_SECONDS="5", LOG_LEVEL="DEBUG")
+        assert QUEUED.match(send(relay, "first"))
+        wait_until(lambda: handler.in_data == 1, what="the worker in DATA")
+        second = QUEUED.match(send(relay, "second")).group(1)
+        wait_until(lambda: len(handler.messages) == 2, timeout=30, what="both")
+        time.sleep(1)
+        assert sorted(subjects(handler)) == ["first", "second"]
+        assert f"claim-aged id={second}" in relay.log()
+        assert relay.log().count(f"delivered id={second}") == 1
+    finally:
+        upstream.stop()

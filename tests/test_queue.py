@@ -102,7 +102,7 @@ def test_queue_mode_rides_out_an_upstream_outage(start, down_upstream):
     down_upstream.start()
     wait_until(lambda: len(down_upstream.messages) >= 5, what="all five delivered")
     time.sleep(1.0)  # nothing arrives twice
-    assert sorted(subjects(handler)) == sorted(f"outage {n}" for n in range(5))
+    assert sorted(subjects(down_upstream)) == sorted(f"outage {n}" for n in range(5))
     log = relay.log()
     for queue_id in ids:
         assert log.count(f"delivered id={queue_id}") == 1
@@ -162,7 +162,7 @@ def test_queue_full_is_452_and_nothing_is_lost(start, down_upstream):
     assert reply.startswith("452 4.3.1"), reply
     down_upstream.start()
     wait_until(lambda: len(down_upstream.messages) == 2, what="both delivered")
-    assert sorted(subjects(handler)) == ["first", "second"]
+    assert sorted(subjects(down_upstream)) == ["first", "second"]
 
 
 def test_queue_mode_refuses_what_policy_refuses(start, upstream):

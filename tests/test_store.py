@@ -969,3 +969,25 @@ def test_group_commit_records_outcomes_in_the_batch_transaction(store: Store) ->
 
     asyncio.run(main())
     assert store.show(message.id) is None
+
+
+def test_a_new_sqlite_file_gets_8_kib_pages_and_an_old_one_keeps_its_own(
+        tmp_path: Path) -> None:
+    # Fewer writes per large body (see SQLiteStore.PAGE_SIZE); a file made with the
+    # old 4 KiB pages opens as it is.
+    new = SQLiteStore(f"sqlite:///{tmp_path / 'new.db'}")
+    new.add([new_message()])
+    new.close()
+    old_path = tmp_path / "old.db"
+    with sqlite3.connect(old_path) as connection:
+        connection.execute("PRAGMA page_size=4096")
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE placeholder (x)")
+    old = SQLiteStore(f"sqlite:///{old_path}")
+    message = new_message()
+    old.add([message])
+    assert old.raw(message.id) == message.body
+    old.close()
+    for path, size in ((tmp_path / "new.db", 8192), (old_path, 4096)):
+        with sqlite3.connect(path) as connection:
+            assert connection.execute("PRAGMA page_size").fetchone()[0] == size, path

@@ -277,7 +277,7 @@ class Queue:
         # few wait already. The dispatcher's claim would read it back from the store
         # and hold the store meanwhile (at 100 KB and 10 clients nearly every message
         # went that way, and the claims held up the next commits).
-        ready = waiter is None and not message.outcomes and self.delivering() and \
+        ready = waiter is None and not message.outcomes and self.takes_work() and \
             len(self._ready) < self.READY_MAX
         if waiter is not None or ready:
             message.claimed_by = self.name
@@ -313,7 +313,7 @@ class Queue:
     # Enough to cover a burst while every worker is busy; the rest wait in the store.
     READY_MAX = 64
 
-    def delivering(self) -> bool:
+    def takes_work(self) -> bool:
         """Workers are running and taking work (start(deliver=True), no stop())."""
         return bool(self._workers) and not self._stopping
 

@@ -991,3 +991,35 @@ def test_a_new_sqlite_file_gets_8_kib_pages_and_an_old_one_keeps_its_own(
     for path, size in ((tmp_path / "new.db", 8192), (old_path, 4096)):
         with sqlite3.connect(path) as connection:
             assert connection.execute("PRAGMA page_size").fetchone()[0] == size, path
+
+
+def test_record_all_in_one_transaction_forgets_the_finished_and_records_the_rest(
+        store: Store) -> None:
+    # GroupCommit's batch: the finished messages go in a few statements for all of
+    # them; a lost lease, a deleted message and a partial result take the long way.
+    lost = new_message(recipients=("a@example.com",))
+    store.add([lost])
+    assert len(store.claim("w", T0, LEASE, 1)) == 1
+    done = [new_message(recipients=("a@example.com",)) for _ in range(3)]
+    deleted = new_message()
+    partial = new_message(recipients=("a@example.com", "b@example.com"))
+    store.add([*done, deleted, partial])
+    assert len(store.claim("w", T0 + LEASE, LEASE, 10)) == 5
+    assert [c.id for c in store.claim("other", T0 + LEASE + 1, LEASE, 10)] == [lost.id]
+    assert store.delete(deleted.id)
+    now = T0 + LEASE + 2
+    records = [("w", m.id, [result(r, "delivered", now) for r in m.recipients], now)
+               for m in [*done, lost, deleted]]
+    records.append(("w", partial.id, [result("a@example.com", "delivered", now)], now))
+    with store.transaction(write=True) as tx:
+        store.record_all_in(tx, records)
+    for message in done:
+        assert store.show(message.id) is None, message.id
+    record = store.show(lost.id)  # the other worker's now: only the history
+    assert record is not None and record.recipients[0].status == "delivering"
+    assert len(record.attempts) == 1
+    assert store.show(deleted.id) is None
+    record = store.show(partial.id)
+    assert record is not None
+    assert {r.address: r.status for r in record.recipients} == {
+        "a@example.com": "delivered", "b@example.com": "delivering"}

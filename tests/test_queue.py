@@ -4,6 +4,7 @@ and the real SQLite store file. PostgreSQL with two relays: test_queue_postgres.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import re
@@ -477,6 +478,19 @@ def test_queue_workers_below_the_least_still_bounds_deliveries(start, down_upstr
     assert most <= 3, most
 
 
+@contextlib.contextmanager
+def stalling_upstream(down_upstream, stall: float):
+    """The upstream up on down_upstream's port, each DATA stalling `stall` seconds:
+    its CountingHandler."""
+    handler = CountingHandler()
+    handler.stall["DATA"] = stall
+    upstream = Upstream(port=down_upstream.port, handler=handler)
+    try:
+        yield handler
+    finally:
+        upstream.stop()
+
+
 def _holders(relay, queue_id: str) -> list[tuple[str, str | None]]:
     with sqlite3.connect(relay.workdir / "spool" / "queue.db") as connection:
         return connection.execute(
@@ -489,10 +503,7 @@ def test_a_message_stored_while_every_worker_is_busy_is_claimed_with_its_commit(
     # Both workers stall in DATA; the next messages are stored already claimed by
     # this relay and wait in memory for the first free worker (no claim transaction,
     # which would read each body back and hold the store meanwhile).
-    handler = CountingHandler()
-    handler.stall["DATA"] = 1.0
-    upstream = Upstream(port=down_upstream.port, handler=handler)
-    try:
+    with stalling_upstream(down_upstream, 1.0) as handler:
         relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="2")
         for number in range(2):
             assert QUEUED.match(send(relay, f"busy {number}"))
@@ -506,8 +517,6 @@ def test_a_message_stored_while_every_worker_is_busy_is_claimed_with_its_commit(
         assert sorted(subjects(handler)) == sorted(
             [f"busy {n}" for n in range(2)] + [f"waiting {n}" for n in range(3)])
         assert handler.most_in_data <= 2
-    finally:
-        upstream.stop()
 
 
 def test_a_claim_that_waited_past_half_its_lease_goes_back_to_the_store(
@@ -515,10 +524,7 @@ def test_a_claim_that_waited_past_half_its_lease_goes_back_to_the_store(
     # The one worker stalls longer than half the lease: the message claimed at its
     # commit is not delivered from memory (another relay may take it once the lease
     # ends, before a renewal), but claimed again from the store. Delivered once.
-    handler = CountingHandler()
-    handler.stall["DATA"] = 3.0
-    upstream = Upstream(port=down_upstream.port, handler=handler)
-    try:
+    with stalling_upstream(down_upstream, 3.0) as handler:
         relay = start(down_upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="1",
                       QUEUE_LEASE_SECONDS="5", LOG_LEVEL="DEBUG")
         assert QUEUED.match(send(relay, "first"))
@@ -529,5 +535,3 @@ def test_a_claim_that_waited_past_half_its_lease_goes_back_to_the_store(
         assert sorted(subjects(handler)) == ["first", "second"]
         assert f"claim-aged id={second}" in relay.log()
         assert relay.log().count(f"delivered id={second}") == 1
-    finally:
-        upstream.stop()

@@ -28,7 +28,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from relay.policy import AddressError, DomainList, normalize_domain
-from relay.settings import ConfigError, parse_domain_list, parse_host_list, redact_url
+from relay.settings import (
+    ConfigError,
+    parse_domain_list,
+    parse_host_list,
+    read_text_file,
+    redact_url,
+)
 
 if TYPE_CHECKING:
     from relay.mx import MXDeliverer
@@ -157,13 +163,8 @@ def _password(query: dict[str, str], where: str, shown: str,
         return value
     if "password_file" in query:
         path = query["password_file"]
-        try:
-            with open(path, encoding="utf-8") as secret:
-                value = secret.read().removesuffix("\n").removesuffix("\r")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or "not UTF-8 text"
-            raise ConfigError(f"{where}: password_file={path!r}: cannot read "
-                              f"({reason})") from None
+        value = read_text_file(path, f"{where}: password_file").removesuffix(
+            "\n").removesuffix("\r")
         if not value:
             raise ConfigError(f"{where}: password_file={path!r}: expects a password")
         return value
@@ -269,14 +270,8 @@ class RouteTable:
                   for name, user in load_users(self.config).items()
                   if user.policy.route is not None]
         if self.config.routes_file:
-            try:
-                with open(self.config.routes_file, encoding="utf-8") as routes_file:
-                    text = routes_file.read()
-            except (OSError, UnicodeDecodeError) as error:
-                reason = getattr(error, "strerror", None) or "not UTF-8 text"
-                raise ConfigError(f"ROUTES_FILE={self.config.routes_file!r}: cannot read "
-                                  f"({reason}): expects a readable routes file") from None
-            routes += parse_routes(text)
+            routes += parse_routes(read_text_file(self.config.routes_file, "ROUTES_FILE",
+                                                  "a readable routes file"))
         split = [route for route in routes if route.per_recipient]
         if split and self.config.delivery_mode == "sync":
             raise ConfigError(

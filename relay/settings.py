@@ -610,14 +610,20 @@ def _secret_text(env: Mapping[str, str], name: str) -> str | None:
         return env.get(name)
     if env.get(name):  # an empty value counts as unset, as compose files write it
         raise ConfigError(f"{name} and {file_name} are both set: expects only one")
+    value = read_text_file(path, file_name, "a readable file holding the secret")
+    return value.removesuffix("\n").removesuffix("\r")
+
+
+def read_text_file(path: str, setting: str, expects: str = "") -> str:
+    """The UTF-8 text of the file a setting names; ConfigError naming the setting
+    (`SETTING='path': cannot read (why): expects ...`) when it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as secret_file:
-            value = secret_file.read()
+        with open(path, encoding="utf-8") as text_file:
+            return text_file.read()
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"{file_name}={path!r}: cannot read ({reason}): expects a "
-                          "readable file holding the secret") from None
-    return value.removesuffix("\n").removesuffix("\r")
+        raise ConfigError(f"{setting}={path!r}: cannot read ({reason})" +
+                          (f": expects {expects}" if expects else "")) from None
 
 
 def _default_hostname() -> str:

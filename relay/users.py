@@ -30,6 +30,7 @@ from relay.settings import (
     DEFAULT_AUTH_PASSWORD,
     ConfigError,
     parse_domain_list,
+    read_text_file,
 )
 
 if TYPE_CHECKING:
@@ -123,13 +124,8 @@ def load_users(config: Config) -> dict[str, User]:
             config.auth_password.encode("utf-8"),
             config.auth_password_hash.encode("ascii"))
     if config.users_file:
-        try:
-            with open(config.users_file, encoding="utf-8") as users_file:
-                text = users_file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or "not UTF-8 text"
-            raise ConfigError(f"SMTP_USERS_FILE={config.users_file!r}: cannot read "
-                              f"({reason}): expects a readable users file") from None
+        text = read_text_file(config.users_file, "SMTP_USERS_FILE",
+                              "a readable users file")
         for name, user in parse_users_file(text, config).items():
             if name in users:
                 raise ConfigError(f"SMTP_USERS_FILE: user {name!r} is also "

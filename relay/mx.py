@@ -33,7 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import dns.exception
@@ -362,32 +362,46 @@ class MXDeliverer:
         except DNSFailure as failure:
             return everyone(failure.code, failure.text)
         failures: list[str] = []
-        refused = 0
+        for host, address, label in self._addresses(hosts, failures,
+                                                    "refused: a loopback, private, "
+                                                    "link-local or own address"):
+            try:
+                outcomes, tls = self._session(host.name, address, sender,
+                                              recipients, body, enforce)
+            except SessionFailed as failure:
+                failures.append(f"{label}: {failure}")
+                continue
+            info = {r: AttemptInfo(label, tls) for r in recipients}
+            codes = [code for code, _ in outcomes.values()]
+            result = "delivered" if any(200 <= c < 300 for c in codes) else (
+                "failed" if all(c >= 500 for c in codes) else "deferred")
+            return outcomes, info, result
+        refused = self._every_address_refused(domain, hosts, failures)
+        if refused is not None:
+            return everyone(refused.code, refused.text)
+        return everyone(451, f"4.4.1 no MX host of {domain} took the message: "
+                             + "; ".join(failures)[:400])
+
+    def _addresses(self, hosts: list[MXHost], failures: list[str], refusal: str
+                   ) -> Iterator[tuple[MXHost, str, str]]:
+        """Each (host, address, label) to try, in order; an address MX_ALLOW_PRIVATE
+        keeps us from is noted in `failures` (as `refusal`) and skipped."""
         for host in hosts:
             for address in host.addresses:
                 if not self.config.mx_allow_private and _is_refused(address, self.own):
-                    refused += 1
-                    failures.append(f"{host.name}[{address}]: refused: a loopback, "
-                                    "private, link-local or own address "
-                                    "(MX_ALLOW_PRIVATE)")
+                    failures.append(f"{host.name}[{address}]: {refusal} (MX_ALLOW_PRIVATE)")
                     continue
-                label = f"{host.name}[{address}]:{self.config.mx_port}"
-                try:
-                    outcomes, tls = self._session(host.name, address, sender,
-                                                  recipients, body, enforce)
-                except SessionFailed as failure:
-                    failures.append(f"{label}: {failure}")
-                    continue
-                info = {r: AttemptInfo(label, tls) for r in recipients}
-                codes = [code for code, _ in outcomes.values()]
-                result = "delivered" if any(200 <= c < 300 for c in codes) else (
-                    "failed" if all(c >= 500 for c in codes) else "deferred")
-                return outcomes, info, result
-        if refused and refused == sum(len(host.addresses) for host in hosts):
-            return everyone(550, f"5.4.4 every MX address of {domain} is refused: "
-                                 f"{failures[-1]}")
-        return everyone(451, f"4.4.1 no MX host of {domain} took the message: "
-                             + "; ".join(failures)[:400])
+                yield host, address, f"{host.name}[{address}]:{self.config.mx_port}"
+
+    def _every_address_refused(self, domain: str, hosts: list[MXHost],
+                               failures: list[str]) -> DNSFailure | None:
+        """The permanent failure when no address of the domain may be tried at all."""
+        addresses = [address for host in hosts for address in host.addresses]
+        if self.config.mx_allow_private or not addresses or not all(
+                _is_refused(address, self.own) for address in addresses):
+            return None
+        return DNSFailure(550, f"5.4.4 every MX address of {domain} is refused: "
+                               f"{failures[-1]}")
 
     def _hosts(self, domain: str) -> tuple[list[MXHost], bool]:
         """The MX hosts to try (those an enforced MTA-STS policy lists), and whether
@@ -408,34 +422,28 @@ class MXDeliverer:
         when the domain has no usable host (permanent: null MX, NXDOMAIN, only refused
         addresses), UpstreamError when none answered."""
         hosts, enforce = self._hosts(domain)
-        failures, refused = [], 0
+        failures: list[str] = []
         # A client waits for this: every host within TIMEOUT in all (then the queue).
         deadline = time.monotonic() + self.config.timeout
-        for host in hosts:
-            for address in host.addresses:
-                if not self.config.mx_allow_private and _is_refused(address, self.own):
-                    refused += 1
-                    failures.append(f"{host.name}[{address}]: refused (MX_ALLOW_PRIVATE)")
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining < 1.0:
-                    failures.append("TIMEOUT reached")
-                    break
-                label = f"{host.name}[{address}]:{self.config.mx_port}"
-                try:
-                    connection, tls = self._open(host.name, address, enforce, remaining)
-                except SessionFailed as failure:
-                    failures.append(f"{label}: {failure}")
-                    continue
-                assert connection.smtp is not None and connection.smtp.sock is not None
-                connection.smtp.sock.settimeout(self.config.timeout)  # MAIL on: TIMEOUT
-                log_event(logging.INFO, "mx-session", domain=domain, host=label, tls=tls)
-                if self.metrics is not None:
-                    self.metrics.mx_attempts.labels("session", tls).inc()
-                return connection
-        if refused and refused == sum(len(host.addresses) for host in hosts):
-            raise DNSFailure(550, f"5.4.4 every MX address of {domain} is refused: "
-                                  f"{failures[-1]}")
+        for host, address, label in self._addresses(hosts, failures, "refused"):
+            remaining = deadline - time.monotonic()
+            if remaining < 1.0:
+                failures.append("TIMEOUT reached")
+                break
+            try:
+                connection, tls = self._open(host.name, address, enforce, remaining)
+            except SessionFailed as failure:
+                failures.append(f"{label}: {failure}")
+                continue
+            assert connection.smtp is not None and connection.smtp.sock is not None
+            connection.smtp.sock.settimeout(self.config.timeout)  # MAIL on: TIMEOUT
+            log_event(logging.INFO, "mx-session", domain=domain, host=label, tls=tls)
+            if self.metrics is not None:
+                self.metrics.mx_attempts.labels("session", tls).inc()
+            return connection
+        refused = self._every_address_refused(domain, hosts, failures)
+        if refused is not None:
+            raise refused
         raise UpstreamError(f"no MX host of {domain} answered: " + "; ".join(failures))
 
     def _connect(self, name: str, address: str, timeout: float | None = None

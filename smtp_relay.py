@@ -448,9 +448,7 @@ class SMTPRelayHandler:
             reply = await begin
         except UpstreamError as error:
             reply = error.reply
-        except DNSFailure as failure:
-            if failure.code >= 500:  # null MX, NXDOMAIN: this recipient, never
-                return f"{failure.code} {failure.text}"
+        except DNSFailure as failure:  # a 5xx (null MX, NXDOMAIN): this recipient, never
             reply = f"{failure.code} {failure.text}"
         if reply[:1] == "2":
             session.pending_mail, session.route = None, destination

@@ -71,8 +71,8 @@ class ReadinessProbe:
 
     @staticmethod
     async def _probe_host(pool: UpstreamPool, host_config: Config) -> tuple[bool, str]:
-        label = host_label(host_config.relay_host, host_config.relay_port)
         connection = UpstreamConnection(host_config, pool.tls_context)
+        label = connection.host
         try:
             await pool.run(connection.open)
             pool.host_answered(label)

@@ -175,7 +175,7 @@ class UpstreamConnection:
     @property
     def host(self) -> str:
         """host:port of the server this session is (or was) for."""
-        return host_label(self.config.relay_host, self.config.relay_port)
+        return _label(self.config)
 
     def open(self, timeout: float | None = None) -> None:
         """Every step of the handshake; UpstreamError saying which failed.
@@ -299,6 +299,11 @@ def describe_error(error: BaseException) -> str:
 LINK_ERRORS = (smtplib.SMTPServerDisconnected, OSError)
 
 
+def _label(config: Config) -> str:
+    """host:port of the one host a (per-host) Config's RELAY_* name."""
+    return host_label(config.relay_host, config.relay_port)
+
+
 @dataclasses.dataclass
 class HostState:
     """What the pool last saw of one host: for failover, /readyz, check, metrics."""
@@ -338,8 +343,7 @@ class UpstreamPool:
         first = self.host_configs[0]
         self.tls_context = (upstream_tls_context(first)
                             if first.relay_use_tls or first.relay_use_ssl else None)
-        self.hosts = {host_label(c.relay_host, c.relay_port): HostState(
-            host_label(c.relay_host, c.relay_port)) for c in self.host_configs}
+        self.hosts = {label: HostState(label) for label in map(_label, self.host_configs)}
         self.idle: collections.deque[UpstreamConnection] = collections.deque()
         self._background: set[asyncio.Future] = set()
         self._reaper: asyncio.Task | None = None
@@ -380,10 +384,10 @@ class UpstreamPool:
         deadline = time.monotonic() + self.config.timeout
         now = time.monotonic()
         order = sorted(self.host_configs, key=lambda c: self.hosts[
-            host_label(c.relay_host, c.relay_port)].failed_until > now)  # stable
+            _label(c)].failed_until > now)  # stable
         failures: list[tuple[str, UpstreamError]] = []
         for host_config in order:
-            label = host_label(host_config.relay_host, host_config.relay_port)
+            label = _label(host_config)
             remaining = deadline - time.monotonic()
             if failures and remaining < 1.0:
                 break  # the client is owed an answer within TIMEOUT

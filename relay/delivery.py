@@ -33,7 +33,7 @@ from relay.bounce import FailedRecipient, bounce_wanted, build_dsn, is_bounce
 from relay.mx import MXDeliverer
 from relay.observability import log, log_event
 from relay.protocol import new_message_id
-from relay.routes import AttemptInfo, Router, RouteTable
+from relay.routes import AttemptInfo, Outcomes, Router, RouteTable
 from relay.settings import ConfigError
 from relay.store import (
     Attempt,
@@ -45,19 +45,12 @@ from relay.store import (
     Store,
     StoreError,
 )
-from relay.upstream import (  # noqa: F401 (dot_stuffed and transact lived here first)
-    UpstreamPools,
-    dot_stuffed,
-    transact,
-)
+from relay.upstream import UpstreamPools
 
 if TYPE_CHECKING:
     from relay.observability import Metrics
     from relay.settings import Config
     from relay.upstream import UpstreamPool
-
-# (code, text) per recipient; code 0: the link failed before the upstream answered.
-Outcomes = dict[str, tuple[int, str]]
 
 
 def retry_delay(attempts: int, minimum: float, maximum: float,
@@ -182,20 +175,9 @@ class Deliverer:
         for good (the queue bounces those). Logs each recipient's outcome."""
         addresses = [recipient.address for recipient in claim.recipients]
         started = time.time()
-        info: dict[str, AttemptInfo] = {}
-        outcomes = await self.attempt(claim.sender, addresses, claim.body,
-                                      user=claim.user, info=info)
+        outcomes, info = await self.router.attempt(claim.user, claim.sender, addresses,
+                                                   claim.body)
         return judge(self.config, self.metrics, claim, outcomes, started, info)
-
-    async def attempt(self, sender: str, recipients: list[str], body: bytes, *,
-                      user: str | None = None,
-                      info: dict[str, AttemptInfo] | None = None) -> Outcomes:
-        """Each recipient's reply from one try along its route. `info` gets, per
-        recipient, the host that answered and the TLS outcome."""
-        outcomes, where = await self.router.attempt(user, sender, recipients, body)
-        if info is not None:
-            info.update(where)
-        return outcomes
 
 
 class Queue:

@@ -352,7 +352,6 @@ class Metrics:
         self.registry = prometheus_client.CollectorRegistry()
         registry = self.registry
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see labelled
-        self._per_user: dict[str, tuple[Any, Any, Any]] = {}  # delivered's counters
         self.connections_open = prometheus_client.Gauge(
             "smtp_relay_connections_open", "Client connections open now.",
             registry=registry)
@@ -436,15 +435,9 @@ class Metrics:
 
     def delivered(self, session: RelaySession, recipients: int, size: int) -> None:
         user = session_user(session) or "-"
-        counters = self._per_user.get(user)
-        if counters is None:  # labels() takes a lock and checks its values: once a user
-            counters = self._per_user[user] = (self.messages_accepted.labels(user),
-                                               self.recipients.labels(user),
-                                               self.bytes.labels(user))
-        messages, recipient_count, size_count = counters
-        messages.inc()
-        recipient_count.inc(recipients)
-        size_count.inc(size)
+        self.labelled(self.messages_accepted, user).inc()
+        self.labelled(self.recipients, user).inc(recipients)
+        self.labelled(self.bytes, user).inc(size)
 
     def rejected(self, reason: str, session: RelaySession | None) -> None:
         user = session_user(session) if session is not None else None
@@ -452,7 +445,8 @@ class Metrics:
 
     def labelled(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), remembered: a child is made once per label values
-        and never removed, so the same one can be handed out again."""
+        and never removed, so the same one can be handed out again (labels() takes a
+        lock and checks its values on every call)."""
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:

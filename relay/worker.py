@@ -210,7 +210,7 @@ class DeliveryProcess:
         try:
             metric = getattr(self.metrics, name)
             if labels:
-                metric = metric.labels(*labels)
+                metric = self.metrics.labelled(metric, *labels)
             if method in ("inc", "dec", "set", "observe"):
                 getattr(metric, method)(value)
         except Exception:  # noqa: BLE001

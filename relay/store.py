@@ -404,10 +404,14 @@ class Store(ABC):
                               " next_attempt, last_reply, updated, locked_by, locked_until,"
                               " prior_status)", recipient_rows)
 
+    def _chunks(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        """`items` ROWS_PER_INSERT at a time: what one statement carries."""
+        for start in range(0, len(items), self.ROWS_PER_INSERT):
+            yield items[start:start + self.ROWS_PER_INSERT]
+
     def _insert_rows(self, tx: Transaction, into: str,
                      rows: Sequence[tuple[Any, ...]]) -> None:
-        for start in range(0, len(rows), self.ROWS_PER_INSERT):
-            chunk = rows[start:start + self.ROWS_PER_INSERT]
+        for chunk in self._chunks(rows):
             placeholders = "(" + ", ".join("?" * len(chunk[0])) + ")"
             tx.run(f"INSERT INTO {into} VALUES " + ", ".join([placeholders] * len(chunk)),
                    [value for row in chunk for value in row])
@@ -519,15 +523,21 @@ class Store(ABC):
         records = sorted(records, key=lambda record: record[1])  # the lock order
         forget = [record for record in records if self.archive == "off" and
                   all(result.status in FINAL for result in record[2])]
-        if len(forget) < 2:
-            for record in records:
+        forgotten = self._forget_all_done(tx, records, forget) if len(forget) > 1 \
+            else set()
+        for record in records:  # the others the long way
+            if record[1] not in forgotten:
                 self.record_in(tx, *record)
-            return
-        ids = [record[1] for record in records]
+
+    def _forget_all_done(self, tx: Transaction,
+                         records: Sequence[tuple[str, str, Sequence[Result], float]],
+                         forget: Sequence[tuple[str, str, Sequence[Result], float]]
+                         ) -> set[str]:
+        """_forget_if_all_done for each of `forget` at once; the ids deleted. Every
+        record's message is locked first, in id order (record_in locks its own again)."""
         present: set[str] = set()
         held: dict[str, list[tuple[str, str, str | None]]] = {}
-        for start in range(0, len(ids), self.ROWS_PER_INSERT):
-            chunk = ids[start:start + self.ROWS_PER_INSERT]
+        for chunk in self._chunks([record[1] for record in records]):
             present.update(self._lock_messages(tx, f"id IN ({marks(len(chunk))})", chunk))
             for message_id, address, status, holder in tx.rows(
                     "SELECT message_id, address, status, locked_by FROM recipients"
@@ -540,13 +550,9 @@ class Store(ABC):
                     address in addresses and status == "delivering" and holder == worker
                     for address, status, holder in held.get(message_id, ())):
                 forgotten.append(message_id)
-        for start in range(0, len(forgotten), self.ROWS_PER_INSERT):
-            chunk = forgotten[start:start + self.ROWS_PER_INSERT]
+        for chunk in self._chunks(forgotten):
             tx.run(f"DELETE FROM messages WHERE id IN ({marks(len(chunk))})", chunk)
-        done = set(forgotten)
-        for record in records:  # the others the long way (locked already)
-            if record[1] not in done:
-                self.record_in(tx, *record)
+        return set(forgotten)
 
     def record_in(self, tx: Transaction, worker: str, message_id: str,
                   results: Sequence[Result], now: float) -> None:
@@ -847,7 +853,7 @@ class SQLiteStore(Store):
     DDL_TYPES: ClassVar[dict[str, str]] = {"real": "REAL", "blob": "BLOB", "bool": "INTEGER",
                  "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"}
     BUSY_TIMEOUT = 30.0               # seconds a writer waits for another process
-    PAGE_SIZE = 8192                  # bytes, for a new file (see _open)
+    PAGE_SIZE = 8192                  # bytes, for a new file (see _connect)
     commits_on_callers_thread = True
 
     def __init__(self, url: str, *, archive: str = "off") -> None:

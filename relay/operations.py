@@ -25,8 +25,8 @@ from aiosmtpd.smtp import (
 
 from relay.observability import setup_logging
 from relay.protocol import cannot_listen, listening_port
-from relay.routes import RouteTable, host_label
-from relay.settings import load_config, upstream_tls_context
+from relay.routes import RouteTable
+from relay.settings import host_label, load_config, upstream_tls_context
 from relay.upstream import (
     Handshake,
     UpstreamConnection,

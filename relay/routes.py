@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from relay.policy import AddressError, DomainList, normalize_domain
 from relay.settings import (
     ConfigError,
+    host_label,
     parse_domain_list,
     parse_host_list,
     read_text_file,
@@ -83,10 +84,6 @@ class MXDelivery:
 
 MX = MXDelivery()
 Destination = SmartHost | MXDelivery
-
-
-def host_label(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def default_destination(config: Config) -> SmartHost:

@@ -240,6 +240,11 @@ def parse_host_list(raw: str, default_port: int, name: str) -> tuple[tuple[str, 
     return tuple(hosts)
 
 
+def host_label(host: str, port: int) -> str:
+    """host:port as parse_host_list reads it back ([IPv6]:port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_resolvers(raw: str, name: str) -> tuple[tuple[str, int], ...]:
     """DNS_RESOLVERS: `IP` or `IP:PORT` ([IPv6]:PORT), comma-separated."""
     resolvers = []
@@ -258,7 +263,7 @@ class Resolvers(Kind["tuple[tuple[str, int], ...]"]):
         return parse_resolvers(raw, name)
 
     def shown(self, value: tuple[tuple[str, int], ...]) -> object:
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in value)
+        return ",".join(host_label(host, port) for host, port in value)
 
 
 def parse_domain_list(raw: str, name: str) -> DomainList:

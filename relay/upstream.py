@@ -34,9 +34,8 @@ from relay.routes import (
     Outcomes,
     SmartHost,
     default_destination,
-    host_label,
 )
-from relay.settings import upstream_tls_context
+from relay.settings import host_label, upstream_tls_context
 
 if TYPE_CHECKING:
     from relay.observability import Metrics

@@ -91,6 +91,7 @@ from relay.policy import (
     rfc5322_date,
 )
 from relay.protocol import (
+    LateReply,
     RelayEnvelope,
     RelaySession,
     RelaySMTP,
@@ -285,7 +286,8 @@ class SMTPRelayHandler:
         await self._abandon(session)
         return f"250 {server.hostname}"
 
-    async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: RelayEnvelope,
+    async def handle_MAIL(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope,
                           address: str, mail_options: list[str]) -> str:
         policy = session.policy
         if policy is None:  # neither authenticated nor trusted
@@ -316,6 +318,7 @@ class SMTPRelayHandler:
         session.queue_recipients = []
         session.queue_only = self.mode == "queue"
         session.pending_mail, session.route, session.route_domain = None, None, ""
+        session.late_mail = None
         destination = None if session.queue_only else \
             self.routes.at_mail(session.user, str(sender))
         if not session.queue_only and not isinstance(destination, SmartHost):
@@ -335,8 +338,13 @@ class SMTPRelayHandler:
             # RELAY_*'s destination is the Forwarder's own default.
             routed = () if destination == self.routes.default else (destination,)
             try:
-                reply = await self.forwarder.begin(session, str(sender), mail_options,
-                                                   *routed)
+                if self.mode == "sync" and server.pipelined(b"RCPT"):
+                    reply = await self.forwarder.prepare(
+                        session, str(sender), mail_options, *routed) or \
+                        self._late_mail(session, envelope)
+                else:
+                    reply = await self.forwarder.begin(session, str(sender), mail_options,
+                                                       *routed)
             except UpstreamError as error:
                 if self.mode != "fallback":
                     return self.metrics.record(error.kind, session, detail=error.detail,
@@ -351,13 +359,45 @@ class SMTPRelayHandler:
         if reply.startswith("250"):
             envelope.mail_from = str(sender)
             envelope.mail_options.extend(mail_options)
-            log_event(logging.DEBUG, "sender-accepted", session, **{"from": str(sender)})
+            if not isinstance(reply, LateReply):  # else once the upstream said so
+                log_event(logging.DEBUG, "sender-accepted", session,
+                          **{"from": str(sender)})
         else:
             self.metrics.record_upstream_refusal("sender-refused", reply, session,
                                                  address=str(sender))
         return reply
 
-    async def handle_RCPT(self, server: SMTP, session: RelaySession, envelope: RelayEnvelope,
+    def _late_mail(self, session: RelaySession, envelope: RelayEnvelope) -> LateReply:
+        """MAIL's reply when the MAIL goes upstream with the first RCPT (the client
+        pipelined them): see Forwarder.prepare."""
+        session.late_mail = LateReply(replies.SENDER_OK.format(), functools.partial(
+            self._send_late_mail, session, envelope))
+        return session.late_mail
+
+    async def _send_late_mail(self, session: RelaySession, envelope: RelayEnvelope,
+                              recipient: str | None) -> str:
+        """The MAIL that waited for the first RCPT, with that RCPT when given. Returns
+        MAIL's reply, logged and counted as handle_MAIL would have; a refused MAIL
+        leaves the envelope without a sender, as if refused at once."""
+        sender = str(envelope.mail_from)  # handle_MAIL set it
+        try:
+            reply = await self.forwarder.send_mail(session, recipient)
+        except UpstreamError as error:
+            reply = self.metrics.record(error.kind, session, detail=error.detail,
+                                        stage="MAIL", **{"from": sender})
+        else:
+            if reply.startswith("250"):
+                log_event(logging.DEBUG, "sender-accepted", session, **{"from": sender})
+            else:
+                self.metrics.record_upstream_refusal("sender-refused", reply, session,
+                                                     address=sender)
+        if not reply.startswith("250"):
+            envelope.mail_from = None
+            envelope.mail_options.clear()
+        return reply
+
+    async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,
+                          envelope: RelayEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         fields: dict[str, Any] = {"from": envelope.mail_from}
         policy = session.policy
@@ -398,6 +438,10 @@ class SMTPRelayHandler:
                 session.queue_recipients.append(str(recipient))
             reply = replies.RECIPIENT_OK.format()
         else:
+            late = session.late_mail  # MAIL goes upstream with this RCPT
+            if late is not None and late.verdict is None and not (
+                    await late.send(str(recipient))).startswith("250"):
+                return replies.NO_SENDER.format()
             try:
                 reply = await self.forwarder.add_recipient(session, str(recipient))
             except UpstreamError as error:

@@ -116,6 +116,8 @@ class RelaySession(Session):
         self.route_domain = ""  # for an mx route: the recipient domain it went to
         # Forwarder: the upstream half of the transaction.
         self.transaction: Transaction | None = None
+        # SMTPRelayHandler: MAIL's reply while the MAIL waits for the first RCPT.
+        self.late_mail: LateReply | None = None
         # RelaySMTP: where the client is in the dialogue.
         self.receiving_data = False  # between 354 and the end of the data
         # RelaySession itself (touch, waiting_on_upstream): for the idle timer.
@@ -251,6 +253,29 @@ class MethodTable(Mapping):
         return key in self._table
 
 
+class LateReply(str):
+    """MAIL's reply while the upstream MAIL waits to go with the first RCPT: the client
+    pipelined them and reads both replies together, so they share one upstream round
+    trip (Forwarder.prepare). The text is provisional. push holds it and writes what
+    `send` returns: the upstream's verdict, which that RCPT brought back, or which
+    `send` asks for then if no RCPT took the MAIL along."""
+
+    _send: Callable[[str | None], Awaitable[str]]  # the MAIL, with a recipient's RCPT
+    verdict: str | None  # MAIL's real reply, once the upstream gave it
+
+    def __new__(cls, provisional: str,
+                send: Callable[[str | None], Awaitable[str]]) -> typing.Self:
+        reply = super().__new__(cls, provisional)
+        reply._send, reply.verdict = send, None
+        return reply
+
+    async def send(self, recipient: str | None = None) -> str:
+        """The MAIL upstream, once, with `recipient`'s RCPT when given; its reply."""
+        if self.verdict is None:
+            self.verdict = await self._send(recipient)
+        return self.verdict
+
+
 def _answered_in_groups(method: Callable[..., Awaitable[None]]
                         ) -> Callable[..., Awaitable[None]]:
     """aiosmtpd's smtp_ method for a command whose replies may wait for the rest of a
@@ -321,6 +346,7 @@ class RelaySMTP(SMTP):
         return self.implicit_tls or self._tls_protocol is not None
 
     _unsent = b""  # reply lines kept for the next write (see push)
+    _late: LateReply | None = None  # MAIL's, to follow _unsent once it is known
     _awaiting_proxy = False  # reading the PROXY header (PROXY_PROTOCOL)
     _in_group = False  # answering RSET, MAIL or RCPT
 
@@ -467,9 +493,16 @@ class RelaySMTP(SMTP):
         # - RFC 2920 3.2: the replies to RSET, MAIL and RCPT wait while the next
         #   command of a pipelined group is already here, and go out with the next
         #   reply (at the latest DATA's 354). Never while we wait for the client.
-        reply = status if isinstance(status, bytes) else status.encode(
-            "utf-8" if self.enable_SMTPUTF8 else "ascii")
         pending = self._reader._buffer  # type: ignore[attr-defined]
+        if self._late is not None:  # MAIL's reply goes first: its verdict now
+            late, self._late = self._late, None
+            self._unsent += self._encode(await late.send()) + b"\r\n"
+        if isinstance(status, LateReply):
+            if self._in_group and b"\n" in pending:
+                self._late = status  # the next reply brings its verdict along
+                return
+            status = await status.send()  # nothing follows to wait for after all
+        reply = status if isinstance(status, bytes) else self._encode(status)
         if reply[3:4] == b"-" or (self._in_group and b"\n" in pending):
             self._unsent += reply + b"\r\n"
         else:
@@ -483,6 +516,16 @@ class RelaySMTP(SMTP):
             if self._refused_commands >= self.MAX_REFUSED_COMMANDS:
                 self._hang_up_with(replies.TOO_MANY_ERRORS, refused=self._refused_commands)
                 raise asyncio.CancelledError
+
+    def _encode(self, reply: str) -> bytes:
+        return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+
+    def pipelined(self, verb: bytes) -> bool:
+        """The client's next command is already here and is `verb` (upper case): it
+        reads the reply now being made together with that command's (RFC 2920)."""
+        pending = self._reader._buffer  # type: ignore[attr-defined]
+        return self._in_group and b"\n" in pending and \
+            bytes(pending[:len(verb) + 1]).upper() == verb + b" "
 
     async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:
         """RFC 2195; offered only when AUTH_MECHANISMS asks for it."""
@@ -661,8 +704,8 @@ class RelaySMTP(SMTP):
         transport = typing.cast("asyncio.Transport | None", self.transport)
         if transport is None or self._transport_closing():
             return  # closed once already (a second close() breaks a TLS transport)
-        transport.write(self._unsent + reply)
-        self._unsent = b""
+        transport.write(self._unsent + reply)  # a late MAIL reply (never sent): dropped
+        self._unsent, self._late = b"", None
         transport.close()
         if transport.get_write_buffer_size():
             transport.abort()

@@ -86,6 +86,10 @@ NO_SMTPUTF8 = Reply(555, "5.6.7", "The upstream does not support SMTPUTF8: send 
                     "message with ASCII addresses", "sender-refused", "upstream_5xx")
 
 # --- RCPT --------------------------------------------------------------------------------
+# RCPT pipelined after a MAIL that went upstream with it and was refused there: what
+# the upstream itself says to a RCPT without a sender (the MAIL's refusal is logged).
+NO_SENDER = Reply(503, "5.5.1", "Error: need MAIL command", "recipient-refused",
+                  level=logging.DEBUG)
 RECIPIENT_DOMAIN = Reply(550, "5.7.1", "Recipient domain {domain} is not allowed",
                          "recipient-refused", "recipient_domain")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients (at most {limit})",

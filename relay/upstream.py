@@ -219,6 +219,35 @@ class UpstreamConnection:
         code, message = self.smtp.docmd(verb, argument)
         return code, reply_text(message)
 
+    def mail_and_recipient(self, mail: str, recipient: str) -> tuple[Reply, Reply | None]:
+        """MAIL and one RCPT in one round trip (RFC 2920; one after the other when the
+        upstream does not offer PIPELINING). RCPT's reply is None when MAIL was
+        refused (a pipelining upstream's answer to that RCPT is read and dropped), and
+        (0, why) when the link broke after MAIL's reply."""
+        smtp = self.smtp
+        assert smtp is not None
+        if not self.has("pipelining"):
+            mail_reply = self.command("MAIL", mail)
+            if not 200 <= mail_reply[0] < 300:
+                return mail_reply, None
+            try:
+                return mail_reply, self.command("RCPT", recipient)
+            except LINK_ERRORS as error:
+                return mail_reply, (0, describe_error(error))
+        lines = f"MAIL {mail}\r\nRCPT {recipient}\r\n"
+        if lines.count("\r") != 2 or lines.count("\n") != 2:
+            raise ValueError("command and arguments contain prohibited newline characters")
+        smtp.send(lines)  # as putcmd does, with its check above
+        code, message = smtp.getreply()
+        mail_reply = (code, reply_text(message))
+        if code == 421:  # closing: there is no second reply to wait for
+            return mail_reply, None
+        try:
+            code, message = smtp.getreply()
+        except LINK_ERRORS as error:
+            return mail_reply, (0, describe_error(error)) if mail_reply[0] < 300 else None
+        return mail_reply, (code, reply_text(message)) if mail_reply[0] < 300 else None
+
     def data(self, stuffed: bytes) -> tuple[bool, int, str]:
         """DATA with a message that is already dot-stuffed and ends in CRLF (as the
         client sent it), so it goes out without being unstuffed and stuffed again.
@@ -556,6 +585,14 @@ class Transaction:
         # BODY=8BITMIME declared, and the upstream lacks 8BITMIME
         self.declared_8bit_unsupported = declared_8bit_unsupported
         self.pending: asyncio.Future | None = None  # the upstream call in a thread
+        # The client's MAIL (sender, parameters), and its argument as it goes upstream:
+        # sent by begin, or with the first RCPT (send_mail); again on a fresh session
+        # when a pooled one turns out stale.
+        self.mail: tuple[str, list[str]] = ("", [])
+        self.mail_argument = ""
+        # The reply to the RCPT that went with MAIL, for add_recipient: (its argument,
+        # the reply).
+        self.early_recipient: tuple[str, Reply] | None = None
         self.broken = False  # the upstream link died mid-transaction
         # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
         # reply after the data. Such a session is reset before anyone else uses it.
@@ -741,33 +778,67 @@ class Forwarder:
         """MAIL FROM upstream (RELAY_*, or the route's `destination`, or the sessions
         of `pool`: relay.mx.MXSessionPool). On 250 the session holds the
         transaction."""
+        refusal = await self.prepare(session, sender, options, destination, pool=pool)
+        return refusal if refusal is not None else await self.send_mail(session)
+
+    async def prepare(self, session: RelaySession, sender: str, options: list[str],
+                      destination: SmartHost | None = None, *,
+                      pool: UpstreamPool | None = None) -> str | None:
+        """begin, all but sending the MAIL: for a client that pipelined its first RCPT
+        after MAIL and reads the two replies together, MAIL goes upstream with that
+        RCPT (send_mail), one round trip and one thread hop instead of two. Returns
+        a refusal of our own (NO_SMTPUTF8), or None."""
+        return await self._open(session, sender, options,
+                                pool or self.pools.get(destination), fresh=False)
+
+    async def _open(self, session: RelaySession, sender: str, options: list[str],
+                    pool: UpstreamPool, *, fresh: bool) -> str | None:
+        """A session from `pool` (`fresh`: a new one) for the client's transaction, and
+        MAIL's argument for it. Returns a refusal when the session cannot carry the
+        message."""
+        # Waiting on the upstream's connect/TLS/AUTH: not idle.
+        with session.waiting_on_upstream():
+            connection = await (pool.open_new() if fresh else pool.acquire())
         declared_8bit = "BODY=8BITMIME" in options
-        pool = pool or self.pools.get(destination)
+        session.transaction = transaction = Transaction(
+            connection, declared_8bit and not connection.has("8bitmime"), pool)
+        transaction.mail = (sender, options)
+        if "SMTPUTF8" in options and not connection.has("smtputf8"):
+            self.finish(session)
+            return replies.NO_SMTPUTF8.format()
+        if "SMTPUTF8" in options and connection.smtp is not None:
+            connection.smtp.command_encoding = "utf-8"
+        # Only what the upstream advertises goes on; aiosmtpd lets no other through.
+        upstream_options = [
+            option for option in options
+            if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
+        transaction.mail_argument = f"FROM:<{sender}>" + "".join(
+            " " + o for o in upstream_options)
+        return None
+
+    async def send_mail(self, session: RelaySession, recipient: str | None = None) -> str:
+        """MAIL upstream for the transaction begin opened, with `recipient`'s RCPT in
+        the same round trip when given (its reply then waits for add_recipient).
+        Returns MAIL's reply for the client."""
         for attempt in (1, 2):
-            # Waiting on the upstream's connect/TLS/AUTH: not idle. A retry never takes
-            # another pooled session: it may be just as stale.
-            with session.waiting_on_upstream():
-                connection = await (pool.acquire() if attempt == 1
-                                    else pool.open_new())
-            session.transaction = transaction = Transaction(
-                connection, declared_8bit and not connection.has("8bitmime"), pool)
-            if "SMTPUTF8" in options and not connection.has("smtputf8"):
-                self.finish(session)
-                return replies.NO_SMTPUTF8.format()
-            if "SMTPUTF8" in options and connection.smtp is not None:
-                connection.smtp.command_encoding = "utf-8"
-            # Only what the upstream advertises goes on; aiosmtpd lets no other through.
-            upstream_options = [
-                option for option in options
-                if connection.has(_MAIL_PARAMETER_EXTENSION.get(option.split("=")[0], ""))]
-            argument = f"FROM:<{sender}>" + "".join(" " + o for o in upstream_options)
+            transaction = session.transaction
+            assert transaction is not None  # begin opened it; handle_RCPT checked
+            connection, pool = transaction.connection, transaction.pool
             transaction.open = True  # until the upstream says otherwise
+            rcpt: Reply | None = None
             try:
-                code, text = await self._call(session, connection.command, "MAIL",
-                                              argument)
+                if recipient is None:
+                    code, text = await self._call(session, connection.command, "MAIL",
+                                                  transaction.mail_argument)
+                else:
+                    (code, text), rcpt = await self._call(
+                        session, connection.mail_and_recipient, transaction.mail_argument,
+                        f"TO:<{recipient}>")
             except LINK_ERRORS as error:
                 code, text = 0, describe_error(error)
             if 200 <= code < 300:  # any 2xx: the upstream's transaction is open
+                if recipient is not None and rcpt is not None:
+                    transaction.early_recipient = (recipient, rcpt)
                 return f"250 {text}"
             if final_reply(code):
                 transaction.open = False  # refused: no transaction upstream
@@ -779,7 +850,8 @@ class Forwarder:
                 raise UpstreamError(f"unexpected reply to MAIL: {code} {text}",
                                     "451 4.4.2")
             # The link is gone. A pooled session may simply have gone stale while idle:
-            # the client must not pay for that, so try once more on a fresh one. On a
+            # the client must not pay for that, so try once more on a fresh one (a
+            # retry never takes another pooled session: it may be just as stale). On a
             # fresh session, the host itself failed (a 421): the next host, if any.
             pool.discard(connection)
             session.transaction = None
@@ -788,6 +860,9 @@ class Forwarder:
             if not (connection.reused or len(pool.hosts) > 1) or attempt == 2:
                 raise UpstreamError(text or "upstream closed the connection",
                                     "451 4.4.2")
+            refusal = await self._open(session, *transaction.mail, pool, fresh=True)
+            if refusal is not None:
+                return refusal
         raise AssertionError("unreachable")
 
     async def add_recipient(self, session: RelaySession, recipient: str) -> str:
@@ -798,11 +873,15 @@ class Forwarder:
         assert transaction is not None  # handle_RCPT checked
         if transaction.broken:
             return replies.UPSTREAM_LOST.format(detail="start the message again")
-        try:
-            code, text = await self._call(session, transaction.connection.command, verb,
-                                          argument)
-        except LINK_ERRORS as error:
-            code, text = 0, describe_error(error)
+        early, transaction.early_recipient = transaction.early_recipient, None
+        if early is not None and verb == "RCPT" and argument == f"TO:<{early[0]}>":
+            code, text = early[1]  # it went with MAIL (send_mail)
+        else:
+            try:
+                code, text = await self._call(session, transaction.connection.command,
+                                              verb, argument)
+            except LINK_ERRORS as error:
+                code, text = 0, describe_error(error)
         if final_reply(code):
             return f"{code} {text}"
         self._condemn(transaction)  # later commands get 451 until the next MAIL

@@ -364,6 +364,142 @@ def test_upstream_421_at_rcpt_becomes_451_and_client_stays_connected(start, upst
 
 
 # ---------------------------------------------------------------------------------------
+# A pipelining client: its MAIL goes upstream with its first RCPT
+# ---------------------------------------------------------------------------------------
+
+class PipelinedUpstream:
+    """Wraps `upstream.handler` (before the relay connects): the MAIL reply carries a
+    text of its own (so the client's copy shows it came from the upstream), the
+    upstream offers PIPELINING when asked to, and for each MAIL it records whether the
+    RCPT after it had already arrived with it."""
+
+    MAIL_OK = "250 2.1.0 sender fine by the upstream"
+
+    def __init__(self, upstream, *, pipelining: bool):
+        self.rcpt_came_with_mail: list[bool] = []
+        handler = upstream.handler
+        original_mail = handler.handle_MAIL
+
+        async def handle_EHLO(server, session, envelope, hostname, responses):
+            session.host_name = hostname
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+        async def handle_MAIL(server, session, envelope, address, mail_options):
+            self.rcpt_came_with_mail.append(b"RCPT TO:" in bytes(server._reader._buffer))
+            reply = await original_mail(server, session, envelope, address, mail_options)
+            return self.MAIL_OK if reply.startswith("250") else reply
+
+        handler.handle_MAIL = handle_MAIL
+        if pipelining:
+            handler.handle_EHLO = handle_EHLO
+
+
+def pipelined_transaction(client, recipients=(RECIPIENT,)) -> list[str]:
+    """MAIL, the RCPTs and DATA in one write (as Postfix's smtp client sends them); the
+    replies, and the one after the data when DATA got 354."""
+    client.send("".join([f"MAIL FROM:<{SENDER}>\r\n"]
+                        + [f"RCPT TO:<{r}>\r\n" for r in recipients]
+                        + ["DATA\r\n"]).encode())
+    replies = [client.reply() for _ in range(len(recipients) + 2)]
+    if replies[-1].startswith("354"):
+        replies.append(client.command(message() + b"."))
+    return replies
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+def test_pipelined_mail_goes_upstream_with_the_first_rcpt(start, upstream, raw_client,
+                                                          pipelining):
+    seen = PipelinedUpstream(upstream, pipelining=pipelining)
+    relay = start(upstream)
+    client = raw_client(relay.port)
+    client.login()
+    replies = pipelined_transaction(client, [RECIPIENT, "second@example.com"])
+    # The client is told the upstream's own verdict on MAIL, and on each RCPT.
+    assert replies[:4] == [seen.MAIL_OK, "250 2.1.5 Recipient OK",
+                           "250 2.1.5 Recipient OK", "354 End data with <CR><LF>.<CR><LF>"]
+    assert without_relay_id(250, replies[4]) == "250 2.0.0 Ok: queued as UP1"
+    assert [m.rcpt_tos for m in upstream.messages] == [[RECIPIENT, "second@example.com"]]
+    # One round trip for MAIL and the first RCPT where the upstream pipelines too.
+    assert seen.rcpt_came_with_mail == [pipelining]
+    # A client that waits for each reply gets the same, MAIL on its own.
+    assert client.command(f"MAIL FROM:<{SENDER}>") == seen.MAIL_OK
+    assert client.command(f"RCPT TO:<{RECIPIENT}>") == "250 2.1.5 Recipient OK"
+    assert seen.rcpt_came_with_mail == [pipelining, False]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+def test_pipelined_mail_refused_upstream_is_refused_for_the_client(
+        start, upstream, raw_client, pipelining):
+    PipelinedUpstream(upstream, pipelining=pipelining)
+    upstream.handler.mail_reply = "550 5.7.1 sender not welcome upstream"
+    relay = start(upstream)
+    client = raw_client(relay.port)
+    client.login()
+    # As the upstream itself would answer: MAIL refused, so no RCPT and no DATA.
+    assert pipelined_transaction(client) == [
+        "550 5.7.1 sender not welcome upstream", "503 5.5.1 Error: need MAIL command",
+        "503 Error: need RCPT command"]
+    assert upstream.handler.rcpt_commands == []
+    assert upstream.messages == []
+    relay.wait_for_log('sender-refused')
+    # The session goes on: the next transaction is the upstream's to judge again.
+    upstream.handler.mail_reply = None
+    replies = pipelined_transaction(client)
+    assert replies[:2] == [PipelinedUpstream.MAIL_OK, "250 2.1.5 Recipient OK"]
+    assert without_relay_id(250, replies[3]) == "250 2.0.0 Ok: queued as UP1"
+
+
+@pytest.mark.parametrize("sender_refused", [False, True], ids=["sender-ok", "refused"])
+def test_pipelined_rcpt_refused_here_still_gets_the_upstreams_mail_verdict(
+        start, upstream, raw_client, sender_refused):
+    """The RCPT never goes upstream (its domain is not allowed): MAIL goes alone, and
+    the client hears the upstream's verdict on it all the same."""
+    PipelinedUpstream(upstream, pipelining=True)
+    if sender_refused:
+        upstream.handler.mail_reply = "550 5.7.1 sender not welcome upstream"
+    relay = start(upstream)
+    client = raw_client(relay.port)
+    client.login()
+    replies = pipelined_transaction(client, ["someone@elsewhere.test"])
+    assert replies[0] == ("550 5.7.1 sender not welcome upstream" if sender_refused
+                          else PipelinedUpstream.MAIL_OK)
+    assert replies[1].startswith("550 5.7.1"), replies
+    assert replies[2].startswith("503"), replies
+    assert len(upstream.handler.mail_commands) == 1
+    assert upstream.handler.rcpt_commands == []
+
+
+def test_pipelined_mail_on_a_stale_pooled_session_goes_again_on_a_fresh_one(
+        start, upstream, raw_client):
+    spy = UpstreamSpy(upstream)
+    PipelinedUpstream(upstream, pipelining=True)
+    relay = start(upstream)
+    assert send(relay) == {}
+    spy.drop_connections()  # e.g. the upstream restarted while the session was pooled
+    client = raw_client(relay.port)
+    client.login()
+    replies = pipelined_transaction(client)
+    assert replies[:3] == [PipelinedUpstream.MAIL_OK, "250 2.1.5 Recipient OK",
+                           "354 End data with <CR><LF>.<CR><LF>"]
+    assert without_relay_id(250, replies[3]) == "250 2.0.0 Ok: queued as UP2"
+    assert spy.message_sessions() == [0, 1]
+
+
+def test_pipelined_mail_when_the_upstream_link_breaks(start, upstream, raw_client):
+    PipelinedUpstream(upstream, pipelining=True)
+    upstream.handler.drop = {"MAIL"}
+    relay = start(upstream)
+    client = raw_client(relay.port)
+    client.login()
+    replies = pipelined_transaction(client)
+    assert replies[0].startswith("451 4.4.2"), replies
+    assert replies[1:] == ["503 5.5.1 Error: need MAIL command",
+                           "503 Error: need RCPT command"]
+    upstream.handler.drop = set()
+    assert without_relay_id(250, raw_message(client)) == "250 2.0.0 Ok: queued as UP1"
+
+
+# ---------------------------------------------------------------------------------------
 # TLS to the upstream
 # ---------------------------------------------------------------------------------------
 

@@ -188,6 +188,9 @@ class FakeServer:
     hostname = "relay.test"
     encrypted = False
 
+    def pipelined(self, verb: bytes) -> bool:
+        return False  # a client that waits for each reply
+
 
 def relay_handler(forwarder: FakeForwarder, **overrides: str
                   ) -> tuple[SMTPRelayHandler, Metrics]:

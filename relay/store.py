@@ -903,6 +903,11 @@ class SQLiteStore(Store):
             # FULL: with WAL, a commit is on disk (fsync) when it returns.
             connection.execute("PRAGMA synchronous=FULL")
             connection.execute("PRAGMA foreign_keys=ON")  # the ON DELETE CASCADEs
+            # Debian's SQLite zeroes every page a DELETE frees (SECURE_DELETE): a
+            # delivered 100 KB body was written to the WAL a second time, as zeros,
+            # and again at the checkpoint. FAST zeroes only what is rewritten anyway
+            # (as a spool file's blocks stay on disk after Postfix unlinks it).
+            connection.execute("PRAGMA secure_delete=FAST")
             connection.execute(f"PRAGMA busy_timeout={int(self.BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as error:
             connection.close()

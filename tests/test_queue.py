@@ -472,6 +472,36 @@ def test_a_slow_upstream_gets_more_deliveries_at_once(start, down_upstream):
     assert 20 <= most <= 30, most
 
 
+def test_a_fast_upstream_wakes_no_parked_worker(start, upstream):
+    # With a fast upstream sixteen workers are active and the rest of QUEUE_WORKERS
+    # parked; they are woken only when a slower upstream wants more. (A count that
+    # missed the workers handed a message but not yet running woke all of them at
+    # nearly every delivery: some 10 % of the event loop at one client.)
+    relay = start(upstream, DELIVERY_MODE="queue", QUEUE_WORKERS="50", LOG_LEVEL="DEBUG")
+
+    def client(number: int) -> None:
+        with relay.client() as session:
+            for sequence in range(15):
+                assert QUEUED.match(try_message(session, message(f"{number}-{sequence}"),
+                                                (RECIPIENT,)))
+
+    def clients_at_once() -> None:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+
+    # The first deliveries (the delivery process starting, its first session) make
+    # the upstream look slow for a while: more workers, rightly. Then it is fast.
+    clients_at_once()
+    wait_until(lambda: len(upstream.messages) == 60, what="the first deliveries")
+    warmed_up = len(relay.log())
+    clients_at_once()
+    wait_until(lambda: len(upstream.messages) == 120, what="every delivery")
+    assert "queue-workers-wanted" not in relay.log()[warmed_up:], relay.log()[warmed_up:]
+
+
 def test_queue_workers_below_the_least_still_bounds_deliveries(start, down_upstream):
     most = most_deliveries_at_once(start, down_upstream, workers=3, stall=0.3,
                                    messages=10)

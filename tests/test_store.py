@@ -994,6 +994,21 @@ def test_a_new_sqlite_file_gets_8_kib_pages_and_an_old_one_keeps_its_own(
             assert connection.execute("PRAGMA page_size").fetchone()[0] == size, path
 
 
+def test_a_commit_reaches_the_file_by_the_checkpointer_alone(tmp_path: Path) -> None:
+    # Commits leave checkpoints to the store's own thread (SQLiteStore.
+    # CHECKPOINT_SECONDS), so none waits for one: the file gets the message soon,
+    # with nothing else written. (SQLite's own waits for 1,000 pages in the WAL.)
+    path = tmp_path / "queue.db"
+    store = SQLiteStore(f"sqlite:///{path}")
+    size_before = path.stat().st_size
+    store.add([new_message(body=os.urandom(200_000))])
+    deadline = time.monotonic() + 10
+    while path.stat().st_size < size_before + 200_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size >= size_before + 200_000
+    store.close()
+
+
 def test_forgetting_a_large_message_does_not_write_its_body_again(tmp_path: Path) -> None:
     # Debian's SQLite zeroes each page a DELETE frees: a delivered 100 KB body went to
     # the WAL a second time, as zeros (see SQLiteStore._connect: secure_delete=FAST).
@@ -1001,11 +1016,15 @@ def test_forgetting_a_large_message_does_not_write_its_body_again(tmp_path: Path
     store = SQLiteStore(f"sqlite:///{path}")
     message = new_message(body=os.urandom(200_000))
     store.add([message])
+    wal = path.with_name(path.name + "-wal")
     with sqlite3.connect(path) as connection:  # the WAL starts again after this
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # (busy while the store's checkpointer is at work: once more)
+        while connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] \
+                or wal.stat().st_size:
+            time.sleep(0.05)
     assert store.delete(message.id)
-    wal_size = path.with_name(path.name + "-wal").stat().st_size  # before close()
-    store.close()                                                 # checkpoints it
+    wal_size = wal.stat().st_size  # before close(), which checkpoints it
+    store.close()
     # The row, its recipients, their indexes and the free list: some ten pages. The
     # body's own 25 pages are not written again.
     assert 0 < wal_size < len(message.body) / 2, wal_size

@@ -209,7 +209,6 @@ class Queue:
         # for the next worker that frees up (at most READY_MAX; beyond that a commit
         # leaves its message to the dispatcher): (claim, when its lease ends).
         self._ready: collections.deque[tuple[Claim, float]] = collections.deque()
-        self._delivering = 0  # workers delivering now
         self._delivery_seconds = 0.0  # how long a delivery takes, on average
         self._worker_freed = asyncio.Event()  # more workers wanted: parked ones look
         self._parked = 0  # workers waiting in _until_wanted
@@ -398,7 +397,6 @@ class Queue:
                 claim = await waiter
                 if claim is None:
                     return
-            self._delivering += 1
             started = time.monotonic()
             try:
                 await self._deliver(claim)
@@ -409,7 +407,6 @@ class Queue:
             except Exception:  # noqa: BLE001 (a bug must not stop the worker)
                 log.exception("unexpected error delivering %s", claim.id)
             finally:
-                self._delivering -= 1
                 # The average delivery time, over the last twenty or so.
                 self._delivery_seconds += (time.monotonic() - started -
                                            self._delivery_seconds) / 20

@@ -388,12 +388,11 @@ class SMTPRelayHandler:
         else:
             if reply.startswith("250"):
                 log_event(logging.DEBUG, "sender-accepted", session, **{"from": sender})
-            else:
-                self.metrics.record_upstream_refusal("sender-refused", reply, session,
-                                                     address=sender)
-        if not reply.startswith("250"):
-            envelope.mail_from = None
-            envelope.mail_options.clear()
+                return reply
+            self.metrics.record_upstream_refusal("sender-refused", reply, session,
+                                                 address=sender)
+        envelope.mail_from = None
+        envelope.mail_options.clear()
         return reply
 
     async def handle_RCPT(self, server: RelaySMTP, session: RelaySession,

@@ -493,17 +493,16 @@ class RelaySMTP(SMTP):
         # - RFC 2920 3.2: the replies to RSET, MAIL and RCPT wait while the next
         #   command of a pipelined group is already here, and go out with the next
         #   reply (at the latest DATA's 354). Never while we wait for the client.
-        pending = self._reader._buffer  # type: ignore[attr-defined]
         if self._late is not None:  # MAIL's reply goes first: its verdict now
             late, self._late = self._late, None
             self._unsent += self._encode(await late.send()) + b"\r\n"
         if isinstance(status, LateReply):
-            if self._in_group and b"\n" in pending:
+            if self._next_command_here():
                 self._late = status  # the next reply brings its verdict along
                 return
             status = await status.send()  # nothing follows to wait for after all
         reply = status if isinstance(status, bytes) else self._encode(status)
-        if reply[3:4] == b"-" or (self._in_group and b"\n" in pending):
+        if reply[3:4] == b"-" or self._next_command_here():
             self._unsent += reply + b"\r\n"
         else:
             if self._unsent:
@@ -520,11 +519,16 @@ class RelaySMTP(SMTP):
     def _encode(self, reply: str) -> bytes:
         return reply.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
 
+    def _next_command_here(self) -> bool:
+        """Answering RSET, MAIL or RCPT, and the next command of the pipelined group
+        is already here: the reply waits to go out with the next (see push)."""
+        return self._in_group and b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+
     def pipelined(self, verb: bytes) -> bool:
         """The client's next command is already here and is `verb` (upper case): it
         reads the reply now being made together with that command's (RFC 2920)."""
         pending = self._reader._buffer  # type: ignore[attr-defined]
-        return self._in_group and b"\n" in pending and \
+        return self._next_command_here() and \
             bytes(pending[:len(verb) + 1]).upper() == verb + b" "
 
     async def auth_CRAM__MD5(self, _: Any, args: list[str]) -> AuthResult:

@@ -242,11 +242,13 @@ class UpstreamConnection:
         mail_reply = (code, reply_text(message))
         if code == 421:  # closing: there is no second reply to wait for
             return mail_reply, None
+        rcpt_reply: Reply
         try:
             code, message = smtp.getreply()
+            rcpt_reply = (code, reply_text(message))
         except LINK_ERRORS as error:
-            return mail_reply, (0, describe_error(error)) if mail_reply[0] < 300 else None
-        return mail_reply, (code, reply_text(message)) if mail_reply[0] < 300 else None
+            rcpt_reply = (0, describe_error(error))
+        return mail_reply, rcpt_reply if 200 <= mail_reply[0] < 300 else None
 
     def data(self, stuffed: bytes) -> tuple[bool, int, str]:
         """DATA with a message that is already dot-stuffed and ends in CRLF (as the
@@ -590,8 +592,7 @@ class Transaction:
         # when a pooled one turns out stale.
         self.mail: tuple[str, list[str]] = ("", [])
         self.mail_argument = ""
-        # The reply to the RCPT that went with MAIL, for add_recipient: (its argument,
-        # the reply).
+        # The RCPT that went with MAIL, for add_recipient: (its argument, the reply).
         self.early_recipient: tuple[str, Reply] | None = None
         self.broken = False  # the upstream link died mid-transaction
         # The upstream may hold a transaction: from MAIL until a refusal of MAIL or the
@@ -825,20 +826,21 @@ class Forwarder:
             assert transaction is not None  # begin opened it; handle_RCPT checked
             connection, pool = transaction.connection, transaction.pool
             transaction.open = True  # until the upstream says otherwise
+            rcpt_argument = None if recipient is None else f"TO:<{recipient}>"
             rcpt: Reply | None = None
             try:
-                if recipient is None:
+                if rcpt_argument is None:
                     code, text = await self._call(session, connection.command, "MAIL",
                                                   transaction.mail_argument)
                 else:
                     (code, text), rcpt = await self._call(
                         session, connection.mail_and_recipient, transaction.mail_argument,
-                        f"TO:<{recipient}>")
+                        rcpt_argument)
             except LINK_ERRORS as error:
                 code, text = 0, describe_error(error)
             if 200 <= code < 300:  # any 2xx: the upstream's transaction is open
-                if recipient is not None and rcpt is not None:
-                    transaction.early_recipient = (recipient, rcpt)
+                if rcpt_argument is not None and rcpt is not None:
+                    transaction.early_recipient = (rcpt_argument, rcpt)
                 return f"250 {text}"
             if final_reply(code):
                 transaction.open = False  # refused: no transaction upstream
@@ -874,7 +876,7 @@ class Forwarder:
         if transaction.broken:
             return replies.UPSTREAM_LOST.format(detail="start the message again")
         early, transaction.early_recipient = transaction.early_recipient, None
-        if early is not None and verb == "RCPT" and argument == f"TO:<{early[0]}>":
+        if early is not None and verb == "RCPT" and argument == early[0]:
             code, text = early[1]  # it went with MAIL (send_mail)
         else:
             try:
